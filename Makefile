@@ -1,0 +1,58 @@
+# MAE pipeline: `make run` sets up and runs the whole pipeline; `make test` sets up and tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+
+.DEFAULT_GOAL := help
+.PHONY: help setup dataset run test test-fast lint format clean
+
+help: ## Show the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(VENV)/.installed dataset ## Create .venv, install the package with dev tools, install Fashion-MNIST
+
+# Re-install only when the package metadata changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --editable '.[dev]'
+	touch $@
+
+dataset: ## Install Debian's dataset-fashion-mnist where apt is available
+	@if ls $(DATASET_DIR)/*-idx?-ubyte.gz >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: found in $(DATASET_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST: not installed (no apt). Get the four *-idx?-ubyte.gz files from"; \
+		echo "  https://github.com/zalandoresearch/fashion-mnist (data/fashion) and point data.source at them."; \
+	fi
+
+run: setup ## Set up, then run the whole pipeline with DVC (dvc repro)
+	@if grep -qE '^\s+[a-z_]+:\s*$$' dvc.yaml; then \
+		$(BIN)/dvc repro; \
+	else \
+		echo "Set-up done. The pipeline has no stages yet: they arrive with the shard, pretrain,"; \
+		echo "finetune, linprobe and evaluate issues (see README). Nothing to run."; \
+	fi
+
+test: setup ## Set up, then run the test suite (all but GPU tests)
+	$(BIN)/python -m pytest -m "not gpu"
+
+test-fast: ## Run the tests without the slow ones (no set-up)
+	$(BIN)/python -m pytest -m "not gpu and not slow"
+
+lint: $(VENV)/.installed ## ruff: format check and lint
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(VENV)/.installed ## ruff: format and fix what it can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: ## Remove caches (keeps .venv, data, models and mlflow.db)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,105 @@
+"""Downstream models built from a pretrained MAE encoder: timm ViTs, so timm loads them too.
+
+- `build_classifier`: full fine-tuning, global average pooling + `fc_norm`, drop path
+  (the official `models_vit` recipe).
+- `build_linear_probe`: frozen encoder, cls token, BatchNorm1d(affine=False) + Linear head
+  (the official `main_linprobe` recipe).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from mae.config import MAEConfig
+from mae.model import encoder_state_dict
+
+
+def _vit(cfg: MAEConfig, num_classes: int, img_size, global_pool: str, drop_path_rate: float):
+    return VisionTransformer(
+        img_size=img_size or cfg.image_hw,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=num_classes,
+        global_pool=global_pool,  # "avg" turns `norm` into Identity and adds `fc_norm`
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        drop_path_rate=drop_path_rate,
+    )
+
+
+def load_encoder(vit: VisionTransformer, state: dict[str, torch.Tensor]) -> None:
+    """Load an MAE (encoder or full) state dict into a timm ViT, resampling `pos_embed`.
+
+    Only the head (and `fc_norm` under global pooling, whose `norm` is unused) may stay
+    uninitialised; any other missing or unexpected key raises ValueError naming it.
+    """
+    state = encoder_state_dict(state)
+    if isinstance(vit.fc_norm, nn.LayerNorm):  # global pooling: the encoder's norm is unused
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    own = vit.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} (ViT has {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and k != "pos_embed" and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"encoder weights do not fit the ViT: {'; '.join(wrong[:3])}")
+    if state["pos_embed"].shape != vit.pos_embed.shape:
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=1
+        )
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"encoder weights do not fit the ViT: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def build_classifier(
+    cfg: MAEConfig,
+    num_classes: int,
+    encoder_state: dict[str, torch.Tensor] | None = None,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    drop_path_rate: float = 0.1,
+) -> VisionTransformer:
+    """Fine-tuning model: global average pooling + fc_norm + linear head, drop path."""
+    vit = _vit(cfg, num_classes, img_size, "avg", drop_path_rate)
+    if encoder_state is not None:
+        load_encoder(vit, encoder_state)
+    # The official fine-tuning starts the head near zero (std 2e-5).
+    trunc_normal_(vit.head.weight, std=2e-5)
+    nn.init.zeros_(vit.head.bias)
+    return vit
+
+
+def build_linear_probe(
+    cfg: MAEConfig,
+    num_classes: int,
+    encoder_state: dict[str, torch.Tensor] | None = None,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+) -> VisionTransformer:
+    """Frozen encoder -> cls token -> BatchNorm1d(affine=False) -> Linear; only the head trains."""
+    vit = _vit(cfg, num_classes, img_size, "token", 0.0)
+    if encoder_state is not None:
+        load_encoder(vit, encoder_state)
+    linear = nn.Linear(cfg.embed_dim, num_classes)
+    # trunc_normal_ as the official code; at std 0.01 the +-2 cut-off never bites: normal(0.01).
+    trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    # The BatchNorm without affine parameters normalises features, as in the paper's probe.
+    vit.head = nn.Sequential(nn.BatchNorm1d(cfg.embed_dim, affine=False, eps=1e-6), linear)
+    vit.requires_grad_(False)
+    vit.head.requires_grad_(True)
+    return vit

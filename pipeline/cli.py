@@ -1,0 +1,77 @@
+"""`mae-cli`: one sub-command per DVC stage, plus tools around them.
+
+Heavy imports (torch, timm, mlflow) happen inside command bodies so `mae-cli --help`
+stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+app = typer.Typer(
+    help="Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain, one-line errors
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, evaluate.
+
+    Each stage reads params.yaml and is run by `dvc repro`; see the README.
+    """
+    # A callback keeps sub-commands as sub-commands even while there is only one.
+
+
+@app.command()
+def models() -> None:
+    """List the named model configurations and their parameter counts."""
+    from mae import PRESETS, count_parameters
+
+    header = (
+        f"{'name':<26} {'image':>9} {'patch':>5} {'chans':>5} {'encoder':>13} "
+        f"{'decoder':>12} {'params':>13}"
+    )
+    typer.echo(header)
+    for name, cfg in PRESETS.items():
+        h, w = cfg.image_hw
+        enc = f"{cfg.embed_dim}x{cfg.depth} h{cfg.num_heads}"
+        dec = f"{cfg.decoder_embed_dim}x{cfg.decoder_depth} h{cfg.decoder_num_heads}"
+        typer.echo(
+            f"{name:<26} {f'{h}x{w}':>9} {cfg.patch_size:>5} {cfg.in_chans:>5} "
+            f"{enc:>13} {dec:>12} {count_parameters(cfg):>13,}"
+        )
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("mae_vit_small_patch4_28", help="A name from `mae-cli models`."),
+    batch_size: int = typer.Option(256, min=1),
+    mask_ratio: float = typer.Option(0.75, help="Fraction of patches removed, in [0, 1)."),
+    steps: int = typer.Option(10, min=1, help="Timed steps."),
+    warmup: int = typer.Option(3, min=0, help="Untimed steps first."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Training-step throughput (forward + backward + AdamW) on synthetic images."""
+    import json
+
+    from pipeline.bench import bench_train_step
+
+    try:
+        result = bench_train_step(model, batch_size, mask_ratio, steps, warmup, device)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app()

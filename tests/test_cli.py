@@ -1,0 +1,79 @@
+"""The `mae-cli` command as a user runs it."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("mae-cli")
+    return str(script) if script.exists() else shutil.which("mae-cli")
+
+
+def test_installed_console_script_shows_help_quickly():
+    """--help must not pay for torch/timm/mlflow imports."""
+    result = subprocess.run(
+        [_console_script(), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage: mae-cli" in result.stdout and "bench" in result.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+def test_models_lists_the_presets_with_official_counts():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    assert "mae_vit_base_patch16" in result.output and "111,907,840" in result.output
+    assert "mae_vit_test" in result.output
+
+
+def test_bench_prints_json_figures():
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "mae_vit_test",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["model"] == "mae_vit_test" and figures["batch_size"] == 4
+    assert figures["img_per_s"] > 0 and figures["step_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--model", "mae_vit_test", "--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
+    ],
+)
+def test_bench_bad_input_is_a_one_line_error(args, message):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
