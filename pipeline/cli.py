@@ -7,8 +7,12 @@ stays instant.
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import typer
+
+from pipeline.errors import UserError
 
 app = typer.Typer(
     help="Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, evaluate.",
@@ -26,6 +30,23 @@ def _root() -> None:
     Each stage reads params.yaml and is run by `dvc repro`; see the README.
     """
     # A callback keeps sub-commands as sub-commands even while there is only one.
+
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file to read.")
+
+
+@app.command()
+def shard(params: Path = PARAMS) -> None:
+    """Raw source (data.source) -> WebDataset shards + manifest.json (data.shards)."""
+    from pipeline.params import load_params
+    from pipeline.shard import run_shard
+
+    p = load_params(params)
+    manifest = run_shard(p.data)
+    counts = ", ".join(
+        f"{s} {v['count']:,} ({len(v['shards'])} shards)" for s, v in manifest["splits"].items()
+    )
+    typer.echo(f"wrote {p.data.shards}: {counts}; {len(manifest['skipped'])} skipped")
 
 
 @app.command()
@@ -74,4 +95,8 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app()
+    try:
+        app()
+    except UserError as err:
+        typer.echo(f"mae-cli: error: {err}", err=True)
+        sys.exit(1)

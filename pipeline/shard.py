@@ -1,0 +1,361 @@
+"""The shard stage: a raw source -> deterministic WebDataset shards + manifest.json.
+
+Same source and params => byte-identical shards (fixed tar metadata, seeded order), so
+DVC's cache holds. Images are decoded in `data.workers` processes to validate them and
+to measure the training pixels' mean/std; JPEG and PNG bytes are stored as they are.
+Output appears atomically: a failed run leaves the previous shards (or none), never half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.params import DataParams
+from pipeline.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MD5,
+    Input,
+    Skipped,
+    SourceListing,
+    list_idx,
+    list_imagefolder,
+)
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+@dataclass
+class Chunk:
+    """One shard's worth of work, written by one worker process."""
+
+    split: str
+    number: int
+    items: list[Input]
+
+
+@dataclass
+class ChunkResult:
+    split: str
+    number: int
+    parts: list[dict] = field(default_factory=list)  # {"tmp", "count", "bytes", "sha256"}
+    per_class: dict[int, int] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)  # per source split
+    skipped: list[Skipped] = field(default_factory=list)
+    stats: np.ndarray = field(default_factory=lambda: np.zeros(9))
+    color: bool = False
+    error: str | None = None  # under on_bad_input=fail: the first bad input
+
+
+# ---------------------------------------------------------------- worker side
+@dataclass(frozen=True)
+class _Context:
+    folder: str
+    idx_images: dict[str, tuple[str, int, int, int]]
+    max_bytes: float
+    fail: bool
+
+
+_CTX: list[_Context] = []
+_MEMMAPS: dict[str, np.ndarray] = {}
+
+
+def _init_worker(ctx: _Context) -> None:
+    _CTX[:] = [ctx]
+    _MEMMAPS.clear()
+
+
+def _idx_pixels(split: str, record: int) -> np.ndarray:
+    path, head, rows, cols = _CTX[0].idx_images[split]
+    if split not in _MEMMAPS:
+        _MEMMAPS[split] = np.memmap(path, np.uint8, "r", offset=head).reshape(-1, rows, cols)
+    return np.asarray(_MEMMAPS[split][record])
+
+
+def _stats(rgb: np.ndarray | None, gray: np.ndarray) -> np.ndarray:
+    """[gray sum, gray sum sq, rgb sums (3), rgb sums sq (3), pixel count] in [0, 1] units."""
+    g = gray.reshape(-1).astype(np.float64) / 255
+    if rgb is None:  # a grayscale source: its RGB view repeats the gray channel
+        s1, s2 = g.sum(), np.square(g).sum()
+        return np.array([s1, s2, s1, s1, s1, s2, s2, s2, g.size])
+    c = rgb.reshape(-1, 3).astype(np.float64) / 255
+    return np.concatenate([[g.sum(), np.square(g).sum()], c.sum(0), np.square(c).sum(0), [g.size]])
+
+
+def _encode(item: Input, want_stats: bool) -> tuple[str, bytes, bool, np.ndarray | None]:
+    """-> (extension, bytes to store, is colour, stats); raises _BadInput."""
+    if _CTX[0].idx_images:
+        pixels = _idx_pixels(item.source, int(item.ref))
+        rows, cols = pixels.shape
+        data = b"P5\n%d %d\n255\n" % (cols, rows) + pixels.tobytes()  # binary PGM
+        return "pgm", data, False, _stats(None, pixels) if want_stats else None
+    try:
+        data = Path(str(item.ref)).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("JPEG", "PNG"):
+                raise _BadInput(f"unsupported image format {img.format} (expected JPEG or PNG)")
+            img.load()  # decodes: catches truncated and corrupt files
+            stats = None
+            if want_stats:
+                stats = _stats(np.asarray(img.convert("RGB")), np.asarray(img.convert("L")))
+            return (
+                ("jpg" if img.format == "JPEG" else "png"),
+                data,
+                img.mode not in GRAY_MODES,
+                stats,
+            )
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise _BadInput(f"cannot decode image: {err}") from None
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _write_chunk(chunk: Chunk) -> ChunkResult:
+    """Write one chunk as one tar (more if it passes the size limit), fixed metadata."""
+    from webdataset import TarWriter
+
+    ctx = _CTX[0]
+    out = ChunkResult(chunk.split, chunk.number)
+    writer = None
+    for item in chunk.items:
+        try:
+            ext, data, color, stats = _encode(item, chunk.split == "train")
+        except _BadInput as err:
+            if ctx.fail:
+                out.error = f"{item.name}: {err}"
+                break
+            out.skipped.append(Skipped(item.source, item.name, str(err)))
+            continue
+        if writer is None or out.parts[-1]["bytes"] >= ctx.max_bytes:
+            if writer is not None:
+                writer.close()
+            tmp = f".{chunk.split}-{chunk.number:06d}-{len(out.parts):03d}.tar"
+            writer = TarWriter(
+                str(Path(ctx.folder) / tmp),
+                encoder=False,
+                mtime=0,
+                user="mae",
+                group="mae",
+                mode=0o444,
+            )
+            out.parts.append({"tmp": tmp, "count": 0, "bytes": 0})
+        writer.write({"__key__": f"{item.index:08d}", ext: data, "cls": b"%d" % item.label})
+        out.parts[-1]["count"] += 1
+        out.parts[-1]["bytes"] += len(data)
+        out.per_class[item.label] = out.per_class.get(item.label, 0) + 1
+        out.written[item.source] = out.written.get(item.source, 0) + 1
+        out.color |= color
+        if stats is not None:
+            out.stats += stats
+    if writer is not None:
+        writer.close()
+    for part in out.parts:
+        path = Path(ctx.folder) / part["tmp"]
+        part["bytes"] = path.stat().st_size
+        part["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+# ---------------------------------------------------------------- main side
+def split_inputs(listing: SourceListing, p: DataParams) -> dict[str, list[Input]]:
+    """Stratified, seeded train/val (and test, when the source has none) carve-out.
+
+    Each output split comes back in a seeded random order: the order of the shards.
+    """
+    rng = np.random.default_rng(p.seed)
+    out: dict[str, list[Input]] = {s: list(listing.splits.get(s, [])) for s in SPLITS}
+    carve = {
+        "val": p.val_fraction if "val" not in listing.splits else 0.0,
+        "test": p.test_fraction if "test" not in listing.splits else 0.0,
+    }
+    keep: list[Input] = []
+    for label in range(len(listing.classes)):
+        members = [x for x in out["train"] if x.label == label]
+        members = [members[i] for i in rng.permutation(len(members))]
+        start = 0
+        for split in ("val", "test"):
+            n = round(len(members) * carve[split])
+            out[split] += members[start : start + n]
+            start += n
+        keep += members[start:]
+    out["train"] = keep
+    for split in SPLITS:
+        items = sorted(out[split], key=lambda x: (x.source, x.index))
+        out[split] = [items[i] for i in rng.permutation(len(items))]
+    return out
+
+
+def _chunk_results(chunks: list[Chunk], workers: int, ctx: _Context) -> Iterator[ChunkResult]:
+    """Chunk results in chunk order, whatever the number of workers."""
+    if workers <= 1:
+        _init_worker(ctx)
+        yield from map(_write_chunk, chunks)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(
+        min(workers, max(len(chunks), 1)), initializer=_init_worker, initargs=(ctx,)
+    ) as pool:
+        yield from pool.imap(_write_chunk, chunks)
+
+
+def _list_source(p: DataParams, workdir: Path) -> SourceListing:
+    root = Path(p.root)
+    if p.source == "imagefolder":
+        return list_imagefolder(root, on_bad_input=p.on_bad_input)
+    if p.source == "fashion-mnist":
+        return list_idx(
+            root,
+            workdir,
+            classes=FASHION_MNIST_CLASSES,
+            checksums=FASHION_MNIST_MD5,
+            on_bad_input=p.on_bad_input,
+        )
+    classes = p.class_names or [str(i) for i in range(10)]
+    return list_idx(root, workdir, classes=classes, checksums=None, on_bad_input=p.on_bad_input)
+
+
+def run_shard(p: DataParams) -> dict:
+    """Write `p.shards` from `p.source`; -> the manifest (also written as manifest.json)."""
+    out = Path(p.shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _write(p, staging)
+        if out.exists():
+            shutil.rmtree(out)
+        (staging / "work").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write(p: DataParams, staging: Path) -> dict:
+    workdir, folder = staging / "raw", staging / "work"
+    workdir.mkdir()
+    folder.mkdir()
+    listing = _list_source(p, workdir)
+    splits = split_inputs(listing, p)
+    n = p.shard_max_count
+    chunks = [
+        Chunk(s, i, items[k : k + n])
+        for s, items in splits.items()
+        for i, k in enumerate(range(0, len(items), n))
+    ]
+    ctx = _Context(str(folder), listing.idx_images, p.shard_max_mb * 1e6, p.on_bad_input == "fail")
+    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    per_class = {s: [0] * len(listing.classes) for s in SPLITS}
+    written = dict.fromkeys(listing.splits, 0)
+    skipped = list(listing.bad)  # Skipped.split is always the source split
+    stats, color = np.zeros(9), False
+    progress = _progress(sum(len(c.items) for c in chunks))
+    for r in _chunk_results(chunks, p.workers, ctx):
+        if r.error is not None:
+            raise UserError(r.error)
+        for part in r.parts:  # final names: consecutive per split, in chunk order
+            name = f"{r.split}-{len(shards[r.split]):06d}.tar"
+            (folder / part.pop("tmp")).rename(folder / name)
+            shards[r.split].append({"name": name, **part})
+        for label, count in r.per_class.items():
+            per_class[r.split][label] += count
+        for src, count in r.written.items():
+            written[src] += count
+        skipped += r.skipped
+        stats += r.stats
+        color |= r.color and r.split == "train"
+        progress.update(sum(part["count"] for part in r.parts) + len(r.skipped))
+    progress.close()
+    channels = _channels(p, bool(listing.idx_images), color)
+    manifest = _manifest(p, listing, per_class, shards, skipped, written, stats, channels)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if skipped:
+        log.warning("skipped %d bad input(s); each is listed in manifest.json", len(skipped))
+    return manifest
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="shard", disable=not sys.stderr.isatty())
+
+
+def _channels(p: DataParams, is_idx: bool, any_color: bool) -> int:
+    if is_idx:
+        return 1
+    if p.channels == "auto":
+        return 3 if any_color else 1
+    return int(p.channels)
+
+
+def _manifest(
+    p: DataParams,
+    listing: SourceListing,
+    per_class: dict,
+    shards: dict,
+    skipped: list[Skipped],
+    written: dict,
+    stats: np.ndarray,
+    channels: int,
+) -> dict:
+    n = max(stats[8], 1.0)
+    if channels == 1:
+        mean = [stats[0] / n]
+        std = [max(stats[1] / n - mean[0] ** 2, 0.0) ** 0.5]
+    else:
+        mean = list(stats[2:5] / n)
+        std = [max(v, 0.0) ** 0.5 for v in stats[5:8] / n - np.square(mean)]
+    splits = {}
+    for s in SPLITS:
+        counts = per_class[s]
+        splits[s] = {
+            "count": sum(counts),
+            "per_class": dict(zip(listing.classes, counts, strict=True)),
+            "shards": shards[s],
+        }
+    # Nothing is dropped silently: per source split, inputs = written + skipped.
+    accounting = {}
+    for src, items in listing.splits.items():
+        n_bad = sum(1 for x in skipped if x.split == src)
+        n_listed_bad = sum(1 for x in listing.bad if x.split == src)
+        accounting[src] = {
+            "inputs": len(items) + n_listed_bad,
+            "written": written[src],
+            "skipped": n_bad,
+        }
+        if accounting[src]["inputs"] != written[src] + n_bad:  # a bug, never a user error
+            raise RuntimeError(f"shard accounting does not add up: {accounting}")
+    return {
+        "format": 1,
+        "source": {"kind": p.source, **listing.description},
+        "params": {
+            "val_fraction": p.val_fraction,
+            "test_fraction": p.test_fraction,
+            "seed": p.seed,
+            "shard_max_count": p.shard_max_count,
+            "shard_max_mb": p.shard_max_mb,
+            "on_bad_input": p.on_bad_input,
+        },
+        "classes": listing.classes,
+        "channels": channels,
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+        "splits": splits,
+        "accounting": accounting,
+        "skipped": [{"split": x.split, "input": x.input, "reason": x.reason} for x in skipped],
+    }
