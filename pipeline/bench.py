@@ -1,4 +1,4 @@
-"""Throughput figures: img/s of the MAE training step (forward + backward + AdamW step)."""
+"""Throughput figures: img/s of the data loader and of the MAE training step."""
 
 from __future__ import annotations
 
@@ -81,3 +81,47 @@ def bench_train_step(
         seconds * 1e3,
         batch_size / seconds,
     )
+
+
+@dataclass(frozen=True)
+class DataBench:
+    shards: str
+    purpose: str
+    workers: int
+    batch_size: int
+    images: int
+    seconds: float
+    img_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"loader {self.purpose} on {self.shards}, {self.workers} workers, batch "
+            f"{self.batch_size}: {self.img_per_s:,.0f} img/s "
+            f"({self.images:,} images in {self.seconds:.1f} s)"
+        )
+
+
+def bench_loader(
+    shards: str,
+    img_size: int,
+    workers: int,
+    batch_size: int = 256,
+    purpose: str = "pretrain",
+    max_images: int = 20_000,
+) -> DataBench:
+    """img/s of the train-split loader, worker start-up included (as every epoch pays it)."""
+    from pipeline.loader import build_loader
+
+    loader = build_loader(
+        shards, "train", purpose, batch_size=batch_size, img_size=img_size, num_workers=workers
+    )
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["label"])
+        if n >= max_images:
+            break
+    seconds = time.perf_counter() - start
+    return DataBench(shards, purpose, workers, batch_size, n, seconds, n / seconds)

@@ -69,8 +69,12 @@ def models() -> None:
         )
 
 
-@app.command()
-def bench(
+bench_app = typer.Typer(help="Throughput figures (img/s).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("step")
+def bench_step(
     model: str = typer.Option("mae_vit_small_patch4_28", help="A name from `mae-cli models`."),
     batch_size: int = typer.Option(256, min=1),
     mask_ratio: float = typer.Option(0.75, help="Fraction of patches removed, in [0, 1)."),
@@ -89,6 +93,35 @@ def bench(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
+
+
+@bench_app.command("data")
+def bench_data(
+    params: Path = PARAMS,
+    workers: str = typer.Option("0,1,2", help="Comma-separated worker counts to measure."),
+    batch_size: int = typer.Option(256, min=1),
+    purpose: str = typer.Option("pretrain", help="pretrain, finetune or eval transforms."),
+    images: int = typer.Option(20_000, min=1, help="Images to read per measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Loader throughput on the train shards (data.shards) for each worker count."""
+    import json
+
+    from mae import mae_config
+    from pipeline.bench import bench_loader
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    img_size = mae_config(p.model.name).image_hw[0]
+    try:
+        counts = [int(w) for w in workers.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"--workers must be integers like 0,1,2, got {workers!r}"
+        ) from None
+    for n in counts:
+        result = bench_loader(p.data.shards, img_size, n, batch_size, purpose, images)
+        typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
 
 
 def main() -> None:

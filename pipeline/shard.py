@@ -83,7 +83,8 @@ def _init_worker(ctx: _Context) -> None:
 def _idx_pixels(split: str, record: int) -> np.ndarray:
     path, head, rows, cols = _CTX[0].idx_images[split]
     if split not in _MEMMAPS:
-        _MEMMAPS[split] = np.memmap(path, np.uint8, "r", offset=head).reshape(-1, rows, cols)
+        complete = (Path(path).stat().st_size - head) // (rows * cols)  # a truncated tail
+        _MEMMAPS[split] = np.memmap(path, np.uint8, "r", offset=head, shape=(complete, rows, cols))
     return np.asarray(_MEMMAPS[split][record])
 
 

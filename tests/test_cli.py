@@ -47,6 +47,7 @@ def test_bench_prints_json_figures():
         app,
         [
             "bench",
+            "step",
             "--model",
             "mae_vit_test",
             "--batch-size",
@@ -74,6 +75,6 @@ def test_bench_prints_json_figures():
     ],
 )
 def test_bench_bad_input_is_a_one_line_error(args, message):
-    result = runner.invoke(app, ["bench", *args])
+    result = runner.invoke(app, ["bench", "step", *args])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output

@@ -1,0 +1,108 @@
+"""Synthetic data for tests: IDX files, ImageFolder trees and hand-sized shard sets."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_idx(
+    root: Path,
+    prefix: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    gz: bool = True,
+    cut_images: int = 0,
+) -> None:
+    """`prefix`-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz); `cut_images` bytes
+    removed from the end of the image data (a truncated file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    n, rows, cols = images.shape
+    img = struct.pack(">IIII", 0x803, n, rows, cols) + images.astype(np.uint8).tobytes()
+    lab = struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes()
+    if cut_images:
+        img = img[:-cut_images]
+    for kind, data in (("images-idx3", img), ("labels-idx1", lab)):
+        name = f"{prefix}-{kind}-ubyte"
+        if gz:
+            (root / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
+        else:
+            (root / name).write_bytes(data)
+
+
+def idx_dataset(
+    root: Path, n_train: int = 120, n_test: int = 30, size: int = 8, seed: int = 0, **kw
+) -> tuple[np.ndarray, np.ndarray]:
+    """A 10-class IDX dataset of random pixels; -> the train images and labels."""
+    rng = np.random.default_rng(seed)
+    train = rng.integers(0, 256, (n_train, size, size), dtype=np.uint8), np.arange(n_train) % 10
+    write_idx(root, "train", *train, **kw)
+    test = rng.integers(0, 256, (n_test, size, size), dtype=np.uint8), np.arange(n_test) % 10
+    write_idx(root, "t10k", *test)
+    return train
+
+
+def image_bytes(size: tuple[int, int], mode: str, fmt: str, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def imagefolder(
+    root: Path,
+    per_class: dict[str, int],
+    *,
+    modes=("RGB", "L"),
+    fmts=("JPEG", "PNG"),
+    sizes=((20, 16), (12, 12), (33, 25)),
+) -> Path:
+    """root/<class>/<i>.<ext> with a mix of modes, formats and sizes."""
+    k = 0
+    for cls, n in per_class.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mode, fmt, size = modes[k % len(modes)], fmts[k % len(fmts)], sizes[k % len(sizes)]
+            ext = "jpg" if fmt == "JPEG" else "png"
+            (root / cls / f"{i:03d}.{ext}").write_bytes(image_bytes(size, mode, fmt, seed=k))
+            k += 1
+    return root
+
+
+def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
+    """Shards `train-NNNNNN.tar` (and the same as `test-`) of the given, uneven sizes,
+    with keys numbered globally, and a manifest.json like the shard stage writes."""
+    from webdataset import TarWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    splits, key = {}, 0
+    for split in ("train", "test"):
+        entries = []
+        for i, count in enumerate(counts):
+            name = f"{split}-{i:06d}.tar"
+            with TarWriter(str(folder / name), encoder=False, mtime=0) as w:
+                for _ in range(count):
+                    pgm = b"P5\n%d %d\n255\n" % (size, size) + bytes([key % 256]) * size * size
+                    w.write({"__key__": f"{key:08d}", "pgm": pgm, "cls": b"%d" % (key % 10)})
+                    key += 1
+            entries.append({"name": name, "count": count})
+        splits[split] = {"count": sum(counts), "shards": entries}
+    manifest = {
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.25],
+        "splits": splits,
+        "classes": [str(i) for i in range(10)],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

@@ -1,0 +1,74 @@
+"""params.yaml is read once and fails early, naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ParamsError, UserError
+from pipeline.params import DataParams, Params, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_projects_params_yaml_is_valid_and_matches_the_defaults():
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"data": {"val_fration": 0.1}}, "data.val_fration: unknown key; allowed: source, root"),
+        ({"dataa": {}}, "dataa: unknown key; allowed: data, model"),
+        ({"data": {"val_fraction": 1.5}}, "data.val_fraction: must be in [0, 1)"),
+        ({"data": {"val_fraction": "lots"}}, "data.val_fraction: expected a number, got 'lots'"),
+        ({"data": {"workers": 1.5}}, "data.workers: expected an integer, got 1.5"),
+        ({"data": {"workers": True}}, "data.workers: expected an integer, got True"),
+        ({"data": {"source": "mnist"}}, "data.source: expected one of 'fashion-mnist', 'idx'"),
+        ({"data": {"on_bad_input": "ignore"}}, "data.on_bad_input: expected one of 'fail', 'skip'"),
+        ({"data": {"class_names": ["a", "a"]}}, "data.class_names: must be a non-empty list"),
+        ({"data": {"class_names": "abc"}}, "data.class_names: expected a list of a string or null"),
+        ({"data": 3}, "data: expected a mapping of keys, got 3"),
+        ({"model": {"name": "vit_giant"}}, "model.name: unknown model 'vit_giant'"),
+    ],
+)
+def test_bad_params_name_the_key(raw, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_values_are_typed():
+    p = parse_params({"data": {"val_fraction": 0, "channels": 3, "class_names": ["x", "y"]}})
+    assert p.data.val_fraction == 0.0 and isinstance(p.data.val_fraction, float)
+    assert p.data.channels == "3" and p.data.class_names == ["x", "y"]
+    assert parse_params({"data": None}).data == DataParams()
+
+
+def test_file_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match=r"params file not found: .*nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  root: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: invalid YAML at line"):
+        load_params(bad)
+
+
+def test_cli_reports_a_bad_key_in_one_line_and_exits_non_zero(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"val_fraction": 1.2}}))
+    script = Path(sys.executable).with_name("mae-cli")
+    result = subprocess.run(
+        [str(script), "shard", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"mae-cli: error: data.val_fraction: must be in [0, 1) (in {params})"
+    )
+    assert not (tmp_path / "data").exists()

@@ -1,0 +1,266 @@
+"""The shard stage: deterministic shards, stratified split, and no input lost silently."""
+
+import dataclasses
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.params import DataParams
+from pipeline.shard import run_shard
+from tests.factory import idx_dataset, imagefolder, write_idx
+
+
+def idx_params(tmp_path: Path, **kw) -> DataParams:
+    return DataParams(
+        source="idx",
+        root=str(tmp_path / "raw"),
+        shards=str(tmp_path / "shards"),
+        shard_max_count=25,
+        workers=0,
+        **kw,
+    )
+
+
+def shard_bytes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def members(tar: Path) -> dict[str, bytes]:
+    with tarfile.open(tar) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def test_two_writes_give_the_same_bytes_whatever_the_worker_count(tmp_path):
+    idx_dataset(tmp_path / "raw")
+    p = idx_params(tmp_path)
+    run_shard(p)
+    first = shard_bytes(Path(p.shards))
+    run_shard(dataclasses.replace(p, workers=2))
+    assert shard_bytes(Path(p.shards)) == first
+    assert sorted(first) == [
+        "manifest.json",
+        "test-000000.tar",
+        "test-000001.tar",
+        *[f"train-{i:06d}.tar" for i in range(5)],
+        "val-000000.tar",
+    ]
+    with tarfile.open(Path(p.shards) / "train-000000.tar") as t:
+        assert {(m.mtime, m.uname, m.mode) for m in t.getmembers()} == {(0, "mae", 0o444)}
+
+
+def test_manifest_counts_checksums_and_training_pixel_statistics(tmp_path):
+    images, _labels = idx_dataset(tmp_path / "raw")
+    manifest = run_shard(idx_params(tmp_path, val_fraction=0.2))
+    on_disk = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert on_disk == manifest
+    splits = manifest["splits"]
+    assert (splits["train"]["count"], splits["val"]["count"], splits["test"]["count"]) == (
+        100,
+        20,
+        30,
+    )
+    for entry in splits["train"]["shards"]:
+        data = (tmp_path / "shards" / entry["name"]).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    # mean/std over the training split's pixels only (val carved out)
+    train_keys = set()
+    for entry in splits["train"]["shards"]:
+        train_keys |= {int(n.split(".")[0]) for n in members(tmp_path / "shards" / entry["name"])}
+    pixels = images[sorted(train_keys)] / 255
+    assert manifest["mean"][0] == pytest.approx(pixels.mean(), abs=1e-6)
+    assert manifest["std"][0] == pytest.approx(pixels.std(), abs=1e-6)
+    assert manifest["accounting"]["train"] == {"inputs": 120, "written": 120, "skipped": 0}
+
+
+def test_samples_are_stored_as_pgm_with_their_label(tmp_path):
+    images, labels = idx_dataset(tmp_path / "raw")
+    run_shard(idx_params(tmp_path))
+    stored = members(tmp_path / "shards" / "train-000000.tar")
+    key = next(n for n in stored if n.endswith(".pgm")).split(".")[0]
+    i = int(key)
+    assert stored[f"{key}.pgm"] == b"P5\n8 8\n255\n" + images[i].tobytes()
+    assert stored[f"{key}.cls"] == str(labels[i]).encode()
+
+
+def test_split_is_stratified_and_seeded(tmp_path):
+    idx_dataset(tmp_path / "raw", n_train=200)
+    a = run_shard(idx_params(tmp_path, val_fraction=0.2, seed=1))["splits"]
+    assert set(a["val"]["per_class"].values()) == {4}  # 20 per class -> 4 each
+    assert set(a["train"]["per_class"].values()) == {16}
+
+    def val_keys(seed):
+        run_shard(idx_params(tmp_path, val_fraction=0.2, seed=seed))
+        return set(members(tmp_path / "shards" / "val-000000.tar"))
+
+    assert val_keys(1) == val_keys(1) != val_keys(2)
+
+
+def test_imagefolder_keeps_jpeg_and_png_bytes_and_goes_rgb_when_any_image_is_colour(tmp_path):
+    root = imagefolder(tmp_path / "imgs", {"cat": 10, "dog": 10})
+    p = DataParams(
+        source="imagefolder",
+        root=str(root),
+        shards=str(tmp_path / "shards"),
+        val_fraction=0.2,
+        test_fraction=0.2,
+        workers=2,
+    )
+    manifest = run_shard(p)
+    assert manifest["classes"] == ["cat", "dog"] and manifest["channels"] == 3
+    assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [12, 4, 4]
+    stored = {}
+    for split in ("train", "val", "test"):
+        stored |= members(tmp_path / "shards" / f"{split}-000000.tar")
+    originals = sorted(p.read_bytes() for p in root.rglob("*.*"))
+    images = sorted(v for k, v in stored.items() if k.endswith((".jpg", ".png")))
+    assert images == originals  # stored as they are, not re-encoded
+    assert len(manifest["mean"]) == 3
+
+
+def test_imagefolder_of_grayscale_images_has_one_channel(tmp_path):
+    root = imagefolder(tmp_path / "imgs", {"a": 4, "b": 4}, modes=("L",))
+    p = DataParams(
+        source="imagefolder",
+        root=str(root),
+        shards=str(tmp_path / "shards"),
+        val_fraction=0.25,
+        test_fraction=0.25,
+        workers=0,
+    )
+    assert run_shard(p)["channels"] == 1
+
+
+def test_imagefolder_with_split_subtrees_uses_them(tmp_path):
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        imagefolder(tmp_path / "imgs" / split, {"a": n, "b": n})
+    p = DataParams(
+        source="imagefolder",
+        root=str(tmp_path / "imgs"),
+        shards=str(tmp_path / "shards"),
+        workers=0,
+    )
+    counts = {s: v["count"] for s, v in run_shard(p)["splits"].items()}
+    assert counts == {"train": 12, "val": 4, "test": 6}
+
+
+def test_fashion_mnist_checksums_are_verified(tmp_path):
+    idx_dataset(tmp_path / "raw")
+    p = dataclasses.replace(idx_params(tmp_path), source="fashion-mnist")
+    with pytest.raises(
+        UserError,
+        match=r"train-images-idx3-ubyte.gz: checksum mismatch: "
+        r"content MD5 \w+, expected f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    ):
+        run_shard(p)
+
+
+def test_missing_fashion_mnist_says_where_to_get_it(tmp_path):
+    p = DataParams(root=str(tmp_path / "nowhere"), shards=str(tmp_path / "shards"))
+    with pytest.raises(
+        UserError,
+        match=r"Fashion-MNIST not found .*dataset-fashion-mnist.*"
+        r"github.com/zalandoresearch/fashion-mnist",
+    ):
+        run_shard(p)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _corrupt_jpeg(root: Path) -> Path:
+    bad = root / "cat" / "broken.jpg"
+    good = (root / "cat" / "000.jpg").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated
+    return bad
+
+
+def _bad_imagefolder(tmp_path: Path, case: str) -> tuple[DataParams, str]:
+    root = imagefolder(tmp_path / "imgs", {"cat": 6, "dog": 6})
+    if case == "corrupt":
+        name, reason = str(_corrupt_jpeg(root)), "cannot decode image"
+    elif case == "garbage":
+        (root / "dog" / "noise.png").write_bytes(b"not a png at all")
+        name, reason = str(root / "dog" / "noise.png"), "cannot decode image"
+    elif case == "empty class":
+        (root / "emu").mkdir()
+        name, reason = str(root / "emu"), "empty class folder"
+    else:
+        (root / "dog" / "notes.txt").write_text("hello")
+        name, reason = str(root / "dog" / "notes.txt"), "unsupported file type"
+    p = DataParams(
+        source="imagefolder",
+        root=str(root),
+        shards=str(tmp_path / "shards"),
+        val_fraction=0.2,
+        test_fraction=0.2,
+        workers=2,
+    )
+    return p, f"{name}: {reason}"
+
+
+def _bad_idx(tmp_path: Path, case: str) -> tuple[DataParams, str]:
+    raw = tmp_path / "raw"
+    idx_dataset(raw)
+    images = np.zeros((20, 8, 8), np.uint8)
+    labels = np.arange(20) % 10
+    if case == "label out of range":
+        labels[7] = 12
+        write_idx(raw, "train", images, labels)
+        expected = "train-labels-idx1-ubyte.gz: record 7: label 12 out of range (0-9)"
+    else:
+        write_idx(raw, "train", images, labels, cut_images=100)
+        expected = "truncated: header says 20 images, the file holds 18 complete ones"
+    return idx_params(tmp_path), expected
+
+
+SKIP_REASONS = {
+    "corrupt": "cannot decode image",
+    "garbage": "cannot decode image",
+    "empty class": "empty class folder",
+    "stray file": "unsupported file type",
+    "label out of range": "label 12 out of range (0-9)",
+    "truncated idx": "missing: file truncated",
+}
+
+
+BAD_CASES = [("imagefolder", c) for c in ("corrupt", "garbage", "empty class", "stray file")] + [
+    ("idx", c) for c in ("label out of range", "truncated idx")
+]
+
+
+@pytest.mark.parametrize(("source", "case"), BAD_CASES)
+def test_bad_input_fails_with_one_line_naming_it_and_leaves_nothing_half_written(
+    tmp_path, source, case
+):
+    p, expected = (_bad_imagefolder if source == "imagefolder" else _bad_idx)(tmp_path, case)
+    with pytest.raises(UserError) as err:
+        run_shard(p)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert not Path(p.shards).exists()
+    assert [x.name for x in Path(p.shards).parent.iterdir() if x.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(("source", "case"), BAD_CASES)
+def test_bad_input_is_skipped_and_recorded_under_skip(tmp_path, source, case):
+    p, _expected = (_bad_imagefolder if source == "imagefolder" else _bad_idx)(tmp_path, case)
+    manifest = run_shard(dataclasses.replace(p, on_bad_input="skip"))
+    reasons = [s["reason"] for s in manifest["skipped"]]
+    assert any(r.startswith(SKIP_REASONS[case]) for r in reasons), reasons
+    for source_split, acc in manifest["accounting"].items():
+        assert acc["inputs"] == acc["written"] + acc["skipped"], source_split
+    written = sum(v["count"] for v in manifest["splits"].values())
+    assert written == sum(a["written"] for a in manifest["accounting"].values())
+
+
+def test_a_failed_run_keeps_the_previous_shards(tmp_path):
+    idx_dataset(tmp_path / "raw")
+    p = idx_params(tmp_path)
+    run_shard(p)
+    before = shard_bytes(Path(p.shards))
+    write_idx(tmp_path / "raw", "train", np.zeros((5, 8, 8), np.uint8), np.array([0, 1, 2, 3, 99]))
+    with pytest.raises(UserError, match="label 99 out of range"):
+        run_shard(p)
+    assert shard_bytes(Path(p.shards)) == before
