@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATASET_DIR := /usr/share/datasets/fashion-mnist
+# DVC stages call `mae-cli`: find it in the project's environment.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup dataset run test test-fast lint format clean
@@ -32,12 +34,7 @@ dataset: ## Install Debian's dataset-fashion-mnist where apt is available
 	fi
 
 run: setup ## Set up, then run the whole pipeline with DVC (dvc repro)
-	@if grep -qE '^\s+[a-z_]+:\s*$$' dvc.yaml; then \
-		$(BIN)/dvc repro; \
-	else \
-		echo "Set-up done. The pipeline has no stages yet: they arrive with the shard, pretrain,"; \
-		echo "finetune, linprobe and evaluate issues (see README). Nothing to run."; \
-	fi
+	$(BIN)/dvc repro
 
 test: setup ## Set up, then run the test suite (all but GPU tests)
 	$(BIN)/python -m pytest -m "not gpu"

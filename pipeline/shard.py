@@ -236,6 +236,8 @@ def run_shard(p: DataParams) -> dict:
     """Write `p.shards` from `p.source`; -> the manifest (also written as manifest.json)."""
     out = Path(p.shards)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest = _write(p, staging)
