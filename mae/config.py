@@ -127,6 +127,18 @@ PRESETS: dict[str, MAEConfig] = {
         decoder_depth=2,
         decoder_num_heads=4,
     ),
+    # The CPU default: 7x7 patches -> 4x4 = 16 tokens; about 3x faster than patch 4.
+    "mae_vit_tiny_patch7_28": MAEConfig(
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
     # Tests: runs a step in milliseconds.
     "mae_vit_test": MAEConfig(
         img_size=16,

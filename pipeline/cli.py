@@ -50,6 +50,16 @@ def shard(params: Path = PARAMS) -> None:
 
 
 @app.command()
+def pretrain(params: Path = PARAMS) -> None:
+    """MAE pretraining on the train shards -> models/pretrain/, metrics, MLflow run."""
+    from pipeline.params import load_params
+    from pipeline.pretrain import run_pretrain
+
+    run_id = run_pretrain(load_params(params))
+    typer.echo(f"pretrain done: MLflow run {run_id}")
+
+
+@app.command()
 def models() -> None:
     """List the named model configurations and their parameter counts."""
     from mae import PRESETS, count_parameters

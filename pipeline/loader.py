@@ -181,7 +181,11 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
 
 
 class ShardStream(IterableDataset):
-    """Batches of {"image": (B, C, H, W), "label": (B,), "key": [str]} for one rank."""
+    """Batches of {"image": (B, C, H, W), "label": (B,), "key": [str]} for one rank.
+
+    With `transform=None` images are only decoded and normalised, as one batch (fast);
+    otherwise each image goes through `transform`.
+    """
 
     def __init__(
         self,
@@ -190,6 +194,8 @@ class ShardStream(IterableDataset):
         *,
         transform,
         mode: str,
+        mean: list[float],
+        std: list[float],
         batch_size: int,
         train: bool,
         seed: int,
@@ -200,6 +206,8 @@ class ShardStream(IterableDataset):
     ) -> None:
         self.paths, self.counts = paths, counts
         self.transform, self.mode = transform, mode
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -232,26 +240,45 @@ class ShardStream(IterableDataset):
         if batch:  # only in evaluation: training ranges are whole batches
             yield self._collate(batch)
 
-    def _decode(self, sample: dict) -> torch.Tensor:
+    def _decode(self, sample: dict):
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise UserError(f"{sample['__url__']}: sample {sample['__key__']} has no image")
         with Image.open(io.BytesIO(sample[ext])) as img:
-            return self.transform(img.convert(self.mode))
+            img = img.convert(self.mode)
+            return np.asarray(img) if self.transform is None else self.transform(img)
+
+    def _images(self, batch: list[dict]) -> torch.Tensor:
+        if self.transform is not None:
+            return torch.stack([self._decode(s) for s in batch])
+        pixels = torch.from_numpy(np.stack([self._decode(s) for s in batch]))
+        pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
+        return (pixels.float() - self.mean) / self.std
 
     def _collate(self, batch: list[dict]) -> dict:
         return {
-            "image": torch.stack([self._decode(s) for s in batch]),
+            "image": self._images(batch),
             "label": torch.tensor([int(s["cls"]) for s in batch]),
             "key": [s["__key__"] for s in batch],
         }
 
 
 class ShardLoader:
-    """A DataLoader over one split for one rank; call `set_epoch` before each epoch."""
+    """A DataLoader over one split for one rank; call `set_epoch` before each epoch.
 
-    def __init__(self, dataset: ShardStream, loader: DataLoader, manifest: dict) -> None:
+    When `device_augment` is set, the batches are un-augmented and the training step must
+    apply it on the device (`device_augment(images, generator)`).
+    """
+
+    def __init__(
+        self,
+        dataset: ShardStream,
+        loader: DataLoader,
+        manifest: dict,
+        device_augment: torch.nn.Module | None,
+    ) -> None:
         self.dataset, self.loader, self.manifest = dataset, loader, manifest
+        self.device_augment = device_augment
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch  # workers are not persistent: they get it at each __iter__
@@ -293,11 +320,12 @@ def build_loader(
     world_size: int | None = None,
     shuffle_buffer: int = 2000,
     pin_memory: bool = False,
+    batch_augment: bool = True,
 ) -> ShardLoader:
     """The loader for `split` ("train", "val", "test") and `purpose` from the shards' manifest.
 
     Training purposes shuffle and drop the few samples that do not fill a batch on every
-    rank; "eval" reads every sample exactly once.
+    rank; "eval" reads every sample exactly once. See `ShardLoader.device_augment`.
     """
     manifest = read_manifest(shards)
     if split not in manifest["splits"]:
@@ -309,12 +337,14 @@ def build_loader(
         raise UserError(f"shard listed in the manifest is missing: {missing[0]}")
     rank, world_size = _rank_and_world(rank, world_size)
     train = purpose != "eval"
-    transform = build_transform(purpose, img_size, manifest["mean"], manifest["std"], aug)
+    transform, device_augment = _transforms(manifest, purpose, img_size, aug, batch_augment)
     dataset = ShardStream(
         paths,
         [e["count"] for e in entries],
         transform=transform,
         mode="L" if manifest["channels"] == 1 else "RGB",
+        mean=manifest["mean"],
+        std=manifest["std"],
         batch_size=batch_size,
         train=train,
         seed=seed,
@@ -330,4 +360,23 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
-    return ShardLoader(dataset, loader, manifest)
+    return ShardLoader(dataset, loader, manifest, device_augment)
+
+
+def _transforms(manifest: dict, purpose: Purpose, img_size: int, aug: Augment, batch_augment: bool):
+    """-> (per-image CPU transform or None, batched device augmentation or None).
+
+    Images that all have one size (IDX sources) skip the per-image path: they are decoded
+    and normalised as a batch, and cropped and flipped on the device, in one call. Variable
+    sizes, RandAugment and random erasing need the per-image path.
+    """
+    from mae.augment import RandomResizedCropFlip
+
+    size = manifest.get("image_size")
+    if batch_augment and size is not None:
+        if purpose == "eval" and tuple(size) == (img_size, img_size) and aug.crop_pct == 1.0:
+            return None, None
+        if purpose != "eval" and not aug.randaugment and aug.reprob == 0:
+            crop = RandomResizedCropFlip(img_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip)
+            return None, crop
+    return build_transform(purpose, img_size, manifest["mean"], manifest["std"], aug), None

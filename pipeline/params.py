@@ -60,7 +60,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = "mae_vit_small_patch4_28"  # a preset from `mae-cli models`
+    name: str = "mae_vit_tiny_patch7_28"  # a preset from `mae-cli models`
 
     def __post_init__(self) -> None:
         from mae.config import PRESETS
@@ -73,9 +73,83 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class PretrainParams:
+    mask_ratio: float = 0.75  # fraction of patches removed (the paper's 75%)
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels (paper Table 1c)
+    epochs: int = 8
+    warmup_epochs: float = 1.0  # linear warm-up, then half-cycle cosine
+    batch_size: int = 256  # per device and step
+    accum_iter: int = 1  # gradient accumulation: effective batch = batch_size x accum x ranks
+    blr: float = 1.5e-4  # base lr; lr = blr x effective batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    clip_grad: float | None = None  # max gradient norm; null = no clipping
+    log_every: int = 10  # optimizer steps between train/loss, train/lr points
+    recon_every: int = 2  # epochs between reconstruction grids (and one at the end)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
+        _require(self.epochs >= 1, "epochs", "must be at least 1")
+        _require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in [0, epochs]")
+        for key in ("batch_size", "accum_iter", "log_every", "recon_every"):
+            _require(getattr(self, key) >= 1, key, "must be at least 1")
+        for key in ("blr", "min_lr", "weight_decay"):
+            _require(getattr(self, key) >= 0, key, "must be 0 or more")
+        _require(self.blr > 0, "blr", "must be positive")
+        _require(
+            self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive or null"
+        )
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    seed: int = 0  # model init, masking, data order, augmentation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 1  # data loader processes (0: load in the training process)
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "num_workers", "must be 0 or more")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str = "mae"  # MLflow experiment
+    uri: str | None = None  # null: sqlite:///<project>/mlflow.db; MLFLOW_TRACKING_URI wins
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment.strip()), "experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
+class PathsParams:
+    models: str = "models"  # <models>/<stage>/: weights, config, run_id
+    metrics: str = "metrics"  # <metrics>/<stage>.json
+    plots: str = "plots"  # <plots>/<stage>/: curves as CSV (for dvc plots) and PNG
+    checkpoints: str = ".checkpoints"  # resume state, keyed by params; not a DVC output
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+    paths: PathsParams = field(default_factory=PathsParams)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A params dataclass as {"section.key": value}, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[key] = value
+    return out
 
 
 def _type_name(tp: Any) -> str:

@@ -59,6 +59,7 @@ class ChunkResult:
     skipped: list[Skipped] = field(default_factory=list)
     stats: np.ndarray = field(default_factory=lambda: np.zeros(9))
     color: bool = False
+    sizes: set = field(default_factory=set)  # (height, width) of the images written
     error: str | None = None  # under on_bad_input=fail: the first bad input
 
 
@@ -98,13 +99,13 @@ def _stats(rgb: np.ndarray | None, gray: np.ndarray) -> np.ndarray:
     return np.concatenate([[g.sum(), np.square(g).sum()], c.sum(0), np.square(c).sum(0), [g.size]])
 
 
-def _encode(item: Input, want_stats: bool) -> tuple[str, bytes, bool, np.ndarray | None]:
-    """-> (extension, bytes to store, is colour, stats); raises _BadInput."""
+def _encode(item: Input, want_stats: bool):
+    """-> (extension, bytes to store, is colour, stats, (h, w)); raises _BadInput."""
     if _CTX[0].idx_images:
         pixels = _idx_pixels(item.source, int(item.ref))
         rows, cols = pixels.shape
         data = b"P5\n%d %d\n255\n" % (cols, rows) + pixels.tobytes()  # binary PGM
-        return "pgm", data, False, _stats(None, pixels) if want_stats else None
+        return "pgm", data, False, _stats(None, pixels) if want_stats else None, (rows, cols)
     try:
         data = Path(str(item.ref)).read_bytes()
         with Image.open(io.BytesIO(data)) as img:
@@ -119,6 +120,7 @@ def _encode(item: Input, want_stats: bool) -> tuple[str, bytes, bool, np.ndarray
                 data,
                 img.mode not in GRAY_MODES,
                 stats,
+                (img.height, img.width),
             )
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise _BadInput(f"cannot decode image: {err}") from None
@@ -137,7 +139,7 @@ def _write_chunk(chunk: Chunk) -> ChunkResult:
     writer = None
     for item in chunk.items:
         try:
-            ext, data, color, stats = _encode(item, chunk.split == "train")
+            ext, data, color, stats, size = _encode(item, chunk.split == "train")
         except _BadInput as err:
             if ctx.fail:
                 out.error = f"{item.name}: {err}"
@@ -163,6 +165,7 @@ def _write_chunk(chunk: Chunk) -> ChunkResult:
         out.per_class[item.label] = out.per_class.get(item.label, 0) + 1
         out.written[item.source] = out.written.get(item.source, 0) + 1
         out.color |= color
+        out.sizes.add(size)
         if stats is not None:
             out.stats += stats
     if writer is not None:
@@ -266,7 +269,7 @@ def _write(p: DataParams, staging: Path) -> dict:
     per_class = {s: [0] * len(listing.classes) for s in SPLITS}
     written = dict.fromkeys(listing.splits, 0)
     skipped = list(listing.bad)  # Skipped.split is always the source split
-    stats, color = np.zeros(9), False
+    stats, color, sizes = np.zeros(9), False, set()
     progress = _progress(sum(len(c.items) for c in chunks))
     for r in _chunk_results(chunks, p.workers, ctx):
         if r.error is not None:
@@ -282,10 +285,12 @@ def _write(p: DataParams, staging: Path) -> dict:
         skipped += r.skipped
         stats += r.stats
         color |= r.color and r.split == "train"
+        sizes |= r.sizes
         progress.update(sum(part["count"] for part in r.parts) + len(r.skipped))
     progress.close()
     channels = _channels(p, bool(listing.idx_images), color)
     manifest = _manifest(p, listing, per_class, shards, skipped, written, stats, channels)
+    manifest["image_size"] = list(sizes.pop()) if len(sizes) == 1 else None  # None: mixed
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if skipped:
         log.warning("skipped %d bad input(s); each is listed in manifest.json", len(skipped))

@@ -121,9 +121,18 @@ def test_batches_have_the_configured_shape_and_normalisation(tmp_path):
     # eval of the training split at native size: normalised with its own statistics
     assert images.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert images.std().item() == pytest.approx(1.0, abs=1e-3)
-    batch = next(iter(build_loader(p.shards, "train", "pretrain", batch_size=16, img_size=8)))
+    # same-size images: crop and flip happen on the device, one call per batch
+    loader = build_loader(p.shards, "train", "pretrain", batch_size=16, img_size=8)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (16, 1, 12, 12) and batch["label"].dtype == torch.int64
+    assert loader.device_augment(batch["image"]).shape == (16, 1, 8, 8)
+    # the per-image path gives the same shapes without a device step
+    loader = build_loader(
+        p.shards, "train", "pretrain", batch_size=16, img_size=8, batch_augment=False
+    )
+    assert loader.device_augment is None
+    batch = next(iter(loader))
     assert batch["image"].shape == (16, 1, 8, 8) and batch["image"].dtype == torch.float32
-    assert batch["label"].dtype == torch.int64
 
 
 def test_rgb_imagefolder_of_mixed_sizes_loads_as_fixed_size_rgb(tmp_path):

@@ -1,0 +1,175 @@
+"""What every training stage shares: device and precision, seeding, and resumable
+checkpoints as safetensors + JSON (never pickles), written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserError
+from pipeline.params import RuntimeParams
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def resolve_runtime(p: RuntimeParams) -> Runtime:
+    cuda = torch.cuda.is_available()
+    if p.device == "cuda" and not cuda:
+        raise UserError("runtime.device is cuda but no CUDA device is available")
+    device = torch.device("cuda" if p.device == "cuda" or (p.device == "auto" and cuda) else "cpu")
+    if p.precision == "bf16" and device.type == "cpu":
+        log.warning("runtime.precision bf16 on the CPU is slow; use fp32 or auto there")
+    bf16 = p.precision == "bf16" or (p.precision == "auto" and device.type == "cuda")
+    # fp16 is not offered: it gives NaN losses in MAE pretraining; bf16 needs no scaler.
+    return Runtime(device, torch.bfloat16 if bf16 else None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def params_key(*parts: Any) -> str:
+    """A short digest of everything that determines a training run's result."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ checkpoints
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, per_param in state["state"].items():
+        meta["state"][str(idx)] = {}
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{idx}.{name}"] = value.contiguous()
+            else:
+                meta["state"][str(idx)][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class Checkpoints:
+    """`<folder>/epoch-NNNN/{state.safetensors,state.json}`; the newest complete one wins.
+
+    A checkpoint directory appears by an atomic rename, so a kill mid-write leaves only
+    a `.tmp` folder behind, never a half checkpoint.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.folder.glob("epoch-*") if not p.name.endswith(".tmp"))
+        return done[-1] if done else None
+
+    def save(
+        self,
+        epoch: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        extra: dict,
+    ) -> Path:
+        model_state = {
+            f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+        }
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        rng_tensors, rng_meta = _rng_state()
+        tensors = {
+            **model_state,
+            **{k: v.cpu() for k, v in opt_tensors.items()},
+            **rng_tensors,
+            "rng.masking": generator.get_state(),
+        }
+        meta = {"epoch": epoch, "optimizer": opt_meta, "rng": rng_meta, **extra}
+        final = self.folder / f"epoch-{epoch:04d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
+        tmp.rename(final)
+        for old in self.folder.glob("epoch-*"):  # keep only the newest
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+    ) -> dict:
+        """Restore model, optimizer and RNG states in place; -> the JSON part."""
+        tensors = load_file(str(path / "state.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
+        model.load_state_dict(
+            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        _set_rng_state(tensors, meta["rng"])
+        generator.set_state(tensors["rng.masking"])
+        return meta
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,42 @@
+"""Files DVC reads: flat JSON metrics and CSV curves (plus a PNG, since `dvc plots show`
+loads its charting library from a CDN and is blank offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def write_metrics(path: Path, metrics: dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: round(float(v), 6) for k, v in metrics.items()}
+    path.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+
+
+def write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    """rows of equal keys -> CSV; the first key is the x axis."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_curve(path: Path, rows: list[dict[str, float]], x: str, ys: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.5), squeeze=False)
+    for ax, y in zip(axes[0], ys, strict=True):
+        ax.plot([r[x] for r in rows], [r[y] for r in rows])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

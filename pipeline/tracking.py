@@ -1,0 +1,167 @@
+"""MLflow, touched from this module only.
+
+- The store: `MLFLOW_TRACKING_URI`, else `tracking.uri`, else `sqlite:///<project>/mlflow.db`
+  where <project> is `DVC_ROOT` when DVC runs us (in a `dvc exp` temp copy too), else the
+  working directory. Local stores get an explicit artifact folder beside the database.
+- A server that cannot be reached fails the stage at once, naming the URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import UserError
+from pipeline.params import TrackingParams
+
+log = logging.getLogger(__name__)
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def resolve_uri(p: TrackingParams) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or p.uri
+    if not uri:
+        return f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{project_root() / uri.removeprefix('sqlite:///')}"  # relative path
+    return uri
+
+
+def _artifact_location(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a server decides where its artifacts go
+
+
+@contextmanager
+def _fail_fast():
+    """Short retries and timeout while checking that the store answers (default ~4 min)."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def connect(p: TrackingParams) -> str:
+    """Point MLflow at the store and the experiment; -> the experiment id."""
+    uri = resolve_uri(p)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    with _fail_fast():
+        try:
+            experiment = client.get_experiment_by_name(p.experiment)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise UserError(f"cannot reach the MLflow tracking store at {uri}: {reason}") from None
+        if experiment is None:
+            return client.create_experiment(p.experiment, artifact_location=_artifact_location(uri))
+    return experiment.experiment_id
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+class Run:
+    """The active MLflow run of a stage; every logging call of the stages goes through here."""
+
+    def __init__(self, run: mlflow.ActiveRun) -> None:
+        self.id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        existing = mlflow.get_run(self.id).data.params
+        fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
+        items = list(fresh.items())
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, str | None]) -> None:
+        mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+
+    def log_bytes(self, data: bytes, artifact_path: str) -> None:
+        """Write `data` as artifact `artifact_path` (e.g. "reconstructions/epoch_002.png")."""
+        import tempfile
+
+        folder, name = os.path.split(artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            mlflow.log_artifact(str(path), artifact_path=folder or None)
+
+    def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+    def log_dataset(self, manifest_path: Path, digest: str, name: str, context: str) -> None:
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        dataset = MetaDataset(
+            LocalArtifactDatasetSource(str(manifest_path.parent.resolve())),
+            name=name,
+            digest=digest[:36],
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+def _param_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
+@contextmanager
+def start_run(
+    experiment_id: str,
+    *,
+    run_name: str,
+    run_id: str | None = None,
+    parent_id: str | None = None,
+    tags: dict[str, str | None] | None = None,
+):
+    """Start (or, given `run_id`, continue) a run. MLflow marks it FAILED if the stage
+    raises; a killed process leaves it RUNNING, and the resumed stage continues it."""
+    all_tags = dict(tags or {})
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    kwargs = (
+        {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
+    )
+    with mlflow.start_run(**kwargs) as active:
+        run = Run(active)
+        run.set_tags(all_tags)
+        yield run

@@ -1,0 +1,245 @@
+"""The pretrain stage with the real MLflow (a temporary SQLite store) on synthetic shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mae import MaskedAutoencoderViT
+from pipeline.engine import Diverged
+from pipeline.errors import UserError
+from pipeline.params import load_params
+from pipeline.pretrain import run_pretrain
+from pipeline.shard import run_shard
+from tests.factory import idx_dataset
+
+PARAMS = {
+    "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
+    "model": {"name": "mae_vit_test"},
+    "pretrain": {
+        "epochs": 3,
+        "batch_size": 32,
+        "log_every": 2,
+        "recon_every": 1,
+        "warmup_epochs": 1,
+        "blr": 1e-3,
+    },
+    "runtime": {"num_workers": 0, "device": "cpu"},
+    "tracking": {"experiment": "test"},
+}
+
+
+def make_project(folder: Path, **overrides) -> Path:
+    """A project folder with synthetic shards and params.yaml; -> params path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    idx_dataset(folder / "raw", n_train=200, n_test=40, size=16)
+    params = json.loads(json.dumps(PARAMS))
+    for section, values in overrides.items():
+        params[section] = {**params.get(section, {}), **values}
+    params["tracking"]["uri"] = f"sqlite:///{folder / 'mlflow.db'}"
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        run_shard(load_params("params.yaml").data)
+    finally:
+        os.chdir(cwd)
+    return folder / "params.yaml"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _runs(folder: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["test"], output_format="list")
+
+
+def test_run_logs_params_metrics_artifacts_tags_and_dataset(project):
+    run_id = run_pretrain(load_params("params.yaml"))
+    assert (project / "models/pretrain/run_id").read_text().strip() == run_id
+    (run,) = _runs(project)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.info.run_name == "pretrain mask=0.75"
+    params = run.data.params
+    assert params["pretrain.mask_ratio"] == "0.75" and params["model.embed_dim"] == "32"
+    assert float(params["pretrain.lr"]) == pytest.approx(1e-3 * 32 / 256)
+    assert params["pretrain.effective_batch"] == "32" and params["pretrain.patches_kept"] == "4"
+    manifest_digest = run.data.tags["data.manifest_digest"]
+    assert run.data.tags["stage"] == "pretrain" and len(manifest_digest) == 64
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["idx/train"]
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == list(range(2, 15, 2))  # 180 images / 32: 5 steps an epoch, 15 in all
+    artifacts = {
+        a.path
+        for d in ("", "model", "reconstructions", "plots")
+        for a in client.list_artifacts(run_id, d or None)
+    }
+    assert {
+        "params.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "reconstructions/epoch_003.png",
+        "plots/loss.png",
+    } <= artifacts
+    metrics = json.loads((project / "metrics/pretrain.json").read_text())
+    assert set(metrics) == {"loss", "img_per_s", "minutes"}
+    assert (project / "plots/pretrain/loss.csv").read_text().startswith("step,epoch,loss,lr")
+    state = load_file(str(project / "models/pretrain/model.safetensors"))
+    assert "decoder_pred.weight" in state and "patch_embed.proj.weight" in state
+    assert not (project / ".checkpoints").exists() or not any((project / ".checkpoints").iterdir())
+
+
+def test_same_seed_gives_the_same_losses_and_weights(tmp_path, monkeypatch):
+    results = []
+    for name in ("a", "b"):
+        params = make_project(tmp_path / name)
+        monkeypatch.chdir(params.parent)
+        run_pretrain(load_params("params.yaml"))
+        weights = load_file("models/pretrain/model.safetensors")
+        curve = (params.parent / "plots/pretrain/loss.csv").read_text()
+        results.append((weights, curve))
+    (wa, ca), (wb, cb) = results
+    assert ca == cb
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_params_fail_before_any_work(project):
+    (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"mask_ratio": 1.2}}))
+    with pytest.raises(UserError, match=r"pretrain.mask_ratio: must be in \[0, 1\)"):
+        load_params("params.yaml")
+    (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"epochs": 0}}))
+    with pytest.raises(UserError, match=r"pretrain\.epochs: must be at least 1"):
+        load_params("params.yaml")
+
+
+def test_non_finite_loss_stops_with_step_epoch_lr_and_keeps_the_last_checkpoint(
+    project, monkeypatch
+):
+    calls = {"n": 0}
+    original = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += self.training
+        loss = original(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] > 12 else loss  # 3rd step of the 3rd epoch
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    with pytest.raises(Diverged, match=r"loss is nan at step 12 \(epoch 3, lr [0-9.e-]+\)"):
+        run_pretrain(load_params("params.yaml"))
+    (checkpoint,) = (project / ".checkpoints").glob("pretrain-*/epoch-*")
+    assert checkpoint.name == "epoch-0001"  # epochs 1 and 2 are kept
+    (run,) = _runs(project)
+    assert run.info.status == "FAILED"
+    assert not (project / "models/pretrain/run_id").exists()
+
+
+def test_a_checkpoint_does_not_leak_into_a_run_with_other_params(project, monkeypatch):
+    original = MaskedAutoencoderViT.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += self.training
+        return original(self, imgs, pred, mask) * (float("nan") if calls["n"] > 8 else 1)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    with pytest.raises(Diverged):
+        run_pretrain(load_params("params.yaml"))
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", original)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"]["mask_ratio"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run_id = run_pretrain(load_params("params.yaml"))
+    runs = {r.info.run_id: r for r in _runs(project)}
+    assert len(runs) == 2 and runs[run_id].data.params["pretrain.mask_ratio"] == "0.5"
+    steps = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
+    assert min(m.step for m in steps) == 2  # started from scratch, not from the old epoch
+
+
+def test_unreachable_tracking_server_fails_at_once_naming_the_uri(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["uri"] = "http://127.0.0.1:9"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    start = time.monotonic()
+    with pytest.raises(
+        UserError,
+        match=r"cannot reach the MLflow tracking store at "
+        r"http://127.0.0.1:9",
+    ):
+        run_pretrain(load_params("params.yaml"))
+    assert time.monotonic() - start < 30
+
+
+def _mae_cli() -> str:
+    return str(Path(sys.executable).with_name("mae-cli"))
+
+
+def _clean_env() -> dict[str, str]:
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: keep it from the children."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_the_same_mlflow_run_and_ends_with_the_same_weights(tmp_path):
+    overrides = {"pretrain": {"epochs": 6}}
+    reference = make_project(tmp_path / "reference", **overrides).parent
+    subprocess.run(
+        [_mae_cli(), "pretrain"],
+        env=_clean_env(),
+        cwd=reference,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    killed = make_project(tmp_path / "killed", **overrides).parent
+    proc = subprocess.Popen(
+        [_mae_cli(), "pretrain"],
+        env=_clean_env(),
+        cwd=killed,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stderr:
+        if "checkpoint saved" in line and "epoch-0001" in line:
+            proc.send_signal(signal.SIGKILL)  # like a power loss: no clean-up runs
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (interrupted,) = _runs(killed)
+    assert interrupted.info.status == "RUNNING"
+    resumed = subprocess.run(
+        [_mae_cli(), "pretrain"],
+        env=_clean_env(),
+        cwd=killed,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    (run,) = _runs(killed)  # the same run, continued and finished
+    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
+    assert (killed / "models/pretrain/run_id").read_text().strip() == run.info.run_id
+    steps = {
+        m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    }
+    assert steps == set(range(2, 31, 2))  # 6 epochs x 5 steps, logged every 2
+    a = load_file(str(reference / "models/pretrain/model.safetensors"))
+    b = load_file(str(killed / "models/pretrain/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
