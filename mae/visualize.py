@@ -20,6 +20,7 @@ def reconstruction_grid(
     mask: torch.Tensor,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    scale: int = 1,
 ) -> torch.Tensor:
     """One row per image, four panels: -> uint8 tensor (C, H, W).
 
@@ -27,7 +28,8 @@ def reconstruction_grid(
     pred: (N, L, p*p*C) and mask: (N, L) from `model(imgs)`. With `norm_pix_loss` the
     prediction is in per-patch normalised units: it is mapped back with each target patch's
     own mean and variance (the usual way to show such models; it borrows those two numbers).
-    Removed patches show as mid-grey in the masked panel.
+    Removed patches show as mid-grey in the masked panel. `scale` enlarges every pixel
+    (nearest neighbour), so 28 x 28 images stay legible.
     """
     imgs, pred, mask = imgs.float().cpu(), pred.float().cpu(), mask.float().cpu()
     if model.cfg.norm_pix_loss:
@@ -48,6 +50,8 @@ def reconstruction_grid(
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
     pasted = original * (1 - pixel_mask) + recon * pixel_mask
     panels = torch.stack([original, masked, recon, pasted], dim=1).flatten(0, 1)
+    if scale > 1:
+        panels = panels.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     grid = make_grid(panels, nrow=4, padding=2, pad_value=1.0)
     if c == 1:
         grid = grid[:1]  # make_grid repeats one channel to three

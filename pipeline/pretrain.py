@@ -54,53 +54,16 @@ def build_model(p: Params, manifest: dict) -> MaskedAutoencoderViT:
 def run_pretrain(p: Params) -> str:
     """Train, write the outputs, log everything; -> the MLflow run id."""
     shards = Path(p.data.shards)
-    manifest = (
-        json.loads((shards / "manifest.json").read_text())
-        if (shards / "manifest.json").is_file()
-        else None
-    )
-    if manifest is None:
+    if not (shards / "manifest.json").is_file():
         raise UserError(f"no shards at {shards} (run `mae-cli shard` or `dvc repro shard`)")
+    manifest = json.loads((shards / "manifest.json").read_text())
     digest = manifest_digest(shards)
     experiment_id = tracking.connect(p.tracking)  # fails now, not hours later
-    rt = resolve_runtime(p.runtime)
-    seed_everything(p.runtime.seed)
-    model = build_model(p, manifest).to(rt.device)
+    trainer = Pretrainer(p, shards, manifest)
     pp = p.pretrain
-    loader = build_loader(
-        shards,
-        "train",
-        "pretrain",
-        batch_size=pp.batch_size,
-        img_size=model.cfg.image_hw[0],
-        num_workers=p.runtime.num_workers,
-        seed=p.runtime.seed,
-        pin_memory=rt.device.type == "cuda",
-    )
-    steps_per_epoch = len(loader) // pp.accum_iter
-    if steps_per_epoch < 1:
-        raise UserError(
-            f"pretrain.batch_size {pp.batch_size} x accum_iter {pp.accum_iter} is "
-            f"larger than the train split ({manifest['splits']['train']['count']})"
-        )
-    effective_batch = pp.batch_size * pp.accum_iter * loader.dataset.world_size
-    lr = absolute_lr(pp.blr, effective_batch)
-    optimizer = build_adamw(pretrain_param_groups(model, pp.weight_decay), lr)
-    masking = torch.Generator().manual_seed(p.runtime.seed)
     key = params_key(flatten(p.model), flatten(pp), flatten(p.runtime), digest)
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{STAGE}-{key}")
-
-    start_epoch, history, run_id = 0, History(), None
-    if (latest := checkpoints.latest()) is not None:
-        meta = checkpoints.load(latest, model, optimizer, masking)
-        start_epoch, run_id = meta["epoch"] + 1, meta["run_id"]
-        history = History(meta["history"]["steps"], meta["history"]["epochs"])
-        if not tracking.run_exists(run_id):
-            log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
-            run_id = None
-        log.info("resuming from %s (epoch %d of %d)", latest, start_epoch + 1, pp.epochs)
-
-    net = torch.compile(model) if p.runtime.compile else model
+    start_epoch, run_id = trainer.resume(checkpoints)
     tags = {
         "stage": STAGE,
         "git.commit": tracking.git_commit(tracking.project_root()),
@@ -110,137 +73,183 @@ def run_pretrain(p: Params) -> str:
     name = f"{STAGE} mask={pp.mask_ratio}"
     with tracking.start_run(experiment_id, run_name=name, run_id=run_id, tags=tags) as run:
         if run_id is None:
-            run.log_params(
-                {
-                    **flatten(p),
-                    **{f"model.{k}": v for k, v in model.cfg.to_dict().items()},
-                    "pretrain.lr": lr,
-                    "pretrain.effective_batch": effective_batch,
-                    "pretrain.patches_kept": keep_count(model.cfg.num_patches, pp.mask_ratio),
-                    "model.parameters": sum(x.numel() for x in model.parameters()),
-                }
-            )
+            run.log_params(trainer.run_params())
             run.log_dataset(shards / "manifest.json", digest, f"{p.data.source}/train", "training")
-        fixed = _fixed_val_images(shards, manifest, model, p.runtime.seed)
+        fixed = _fixed_val_images(shards, manifest, trainer.model, p.runtime.seed)
         for epoch in range(start_epoch, pp.epochs):
-            _train_epoch(
-                net,
-                model,
-                loader,
-                optimizer,
-                masking,
-                rt,
-                p,
-                epoch,
-                lr,
-                steps_per_epoch,
-                history,
-                run,
-            )
+            trainer.train_epoch(epoch, run)
             if (epoch + 1) % pp.recon_every == 0 and epoch + 1 < pp.epochs:
-                png = _reconstructions(model, fixed, pp.mask_ratio, manifest, rt)
+                png = trainer.reconstructions(fixed)
                 run.log_bytes(png, f"reconstructions/epoch_{epoch + 1:03d}.png")
             saved = checkpoints.save(
-                epoch, model, optimizer, masking, {"run_id": run.id, "history": history.__dict__}
+                epoch,
+                trainer.model,
+                trainer.optimizer,
+                trainer.masking,
+                {"run_id": run.id, "history": trainer.history.__dict__},
             )
             log.info("checkpoint saved: %s", saved)
-        png = _reconstructions(model, fixed, pp.mask_ratio, manifest, rt)
+        png = trainer.reconstructions(fixed)
         run.log_bytes(png, f"reconstructions/epoch_{pp.epochs:03d}.png")
-        _write_outputs(p, model, png, run, history, digest)
+        _write_outputs(p, trainer.model, png, run, trainer.history, digest)
     checkpoints.clear()  # done: a later run with these params starts afresh
     return run.id
 
 
-def _train_epoch(
-    net,
-    model,
-    loader,
-    optimizer,
-    masking,
-    rt,
-    p: Params,
-    epoch: int,
-    lr: float,
-    steps_per_epoch: int,
-    history: History,
-    run,
-) -> None:
-    pp = p.pretrain
-    net.train()
-    loader.set_epoch(epoch)
-    optimizer.zero_grad(set_to_none=True)
-    losses, images, start = [], 0, time.perf_counter()
-    step = epoch * steps_per_epoch
-    last_lr = lr_at(
-        epoch, lr=lr, epochs=pp.epochs, warmup_epochs=pp.warmup_epochs, min_lr=pp.min_lr
-    )
-    for it, batch in enumerate(loader):
-        if it >= steps_per_epoch * pp.accum_iter:
-            break  # a partial accumulation at the end of an epoch is not applied
-        if it % pp.accum_iter == 0:  # the lr follows the schedule every optimizer step
-            last_lr = lr_at(
-                epoch + it / (steps_per_epoch * pp.accum_iter),
-                lr=lr,
-                epochs=pp.epochs,
-                warmup_epochs=pp.warmup_epochs,
-                min_lr=pp.min_lr,
+class Pretrainer:
+    """One pretraining run's state: model, data, optimiser, masking RNG and history."""
+
+    def __init__(self, p: Params, shards: Path, manifest: dict) -> None:
+        self.p, self.pp, self.manifest = p, p.pretrain, manifest
+        self.rt = resolve_runtime(p.runtime)
+        seed_everything(p.runtime.seed)
+        self.model = build_model(p, manifest).to(self.rt.device)
+        self.net = torch.compile(self.model) if p.runtime.compile else self.model
+        self.loader = build_loader(
+            shards,
+            "train",
+            "pretrain",
+            batch_size=self.pp.batch_size,
+            img_size=self.model.cfg.image_hw[0],
+            num_workers=p.runtime.num_workers,
+            seed=p.runtime.seed,
+            pin_memory=self.rt.device.type == "cuda",
+        )
+        self.steps_per_epoch = len(self.loader) // self.pp.accum_iter
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"pretrain.batch_size {self.pp.batch_size} x accum_iter {self.pp.accum_iter} "
+                f"is larger than the train split ({manifest['splits']['train']['count']})"
             )
-            set_lr(optimizer, last_lr)
-        imgs = batch["image"].to(rt.device, non_blocking=True)
-        if loader.device_augment is not None:  # crop + flip on the device, one call a batch
-            imgs = loader.device_augment(imgs, generator=masking)
-        noise = torch.rand(imgs.shape[0], model.cfg.num_patches, generator=masking)
-        with rt.autocast():
-            loss, _, _ = net(imgs, pp.mask_ratio, noise.to(rt.device, non_blocking=True))
+        world = self.loader.dataset.world_size
+        self.effective_batch = self.pp.batch_size * self.pp.accum_iter * world
+        self.lr = absolute_lr(self.pp.blr, self.effective_batch)
+        groups = pretrain_param_groups(self.model, self.pp.weight_decay)
+        self.optimizer = build_adamw(groups, self.lr)
+        self.masking = torch.Generator().manual_seed(p.runtime.seed)  # masks and crops
+        self.history = History()
+
+    def resume(self, checkpoints: Checkpoints) -> tuple[int, str | None]:
+        """Load the newest checkpoint, if any; -> (first epoch to train, run id to continue)."""
+        latest = checkpoints.latest()
+        if latest is None:
+            return 0, None
+        meta = checkpoints.load(latest, self.model, self.optimizer, self.masking)
+        self.history = History(meta["history"]["steps"], meta["history"]["epochs"])
+        run_id = meta["run_id"]
+        if not tracking.run_exists(run_id):
+            log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
+            run_id = None
+        log.info("resuming from %s (epoch %d of %d)", latest, meta["epoch"] + 2, self.pp.epochs)
+        return meta["epoch"] + 1, run_id
+
+    def run_params(self) -> dict:
+        cfg = self.model.cfg
+        return {
+            **flatten(self.p),
+            **{f"model.{k}": v for k, v in cfg.to_dict().items()},
+            "model.parameters": sum(x.numel() for x in self.model.parameters()),
+            "pretrain.lr": self.lr,
+            "pretrain.effective_batch": self.effective_batch,
+            "pretrain.patches_kept": keep_count(cfg.num_patches, self.pp.mask_ratio),
+        }
+
+    def lr_at(self, epoch: float) -> float:
+        pp = self.pp
+        return lr_at(
+            epoch, lr=self.lr, epochs=pp.epochs, warmup_epochs=pp.warmup_epochs, min_lr=pp.min_lr
+        )
+
+    def train_epoch(self, epoch: int, run) -> None:
+        pp, model, optimizer = self.pp, self.model, self.optimizer
+        micro_steps = self.steps_per_epoch * pp.accum_iter
+        self.net.train()
+        self.loader.set_epoch(epoch)
+        optimizer.zero_grad(set_to_none=True)
+        losses, images, start = [], 0, time.perf_counter()
+        step, last_lr = epoch * self.steps_per_epoch, self.lr_at(epoch)
+        for it, batch in enumerate(self.loader):
+            if it >= micro_steps:
+                break  # a partial accumulation at the end of an epoch is not applied
+            if it % pp.accum_iter == 0:  # the lr follows the schedule every optimizer step
+                last_lr = self.lr_at(epoch + it / micro_steps)
+                set_lr(optimizer, last_lr)
+            value = self._forward_backward(batch)
+            if not math.isfinite(value):
+                raise Diverged(
+                    f"loss is {value} at step {step} (epoch {epoch + 1}, lr "
+                    f"{last_lr:.3g}); the last good checkpoint is kept. Lower "
+                    "pretrain.blr or set pretrain.clip_grad"
+                )
+            losses.append(value)
+            images += len(batch["label"])
+            if (it + 1) % pp.accum_iter == 0:
+                if pp.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), pp.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % pp.log_every == 0:
+                    self.history.steps.append(
+                        {
+                            "step": step,
+                            "epoch": epoch + it / micro_steps,
+                            "loss": value,
+                            "lr": last_lr,
+                        }
+                    )
+                    run.log_metrics({"train/loss": value, "train/lr": last_lr}, step=step)
+        seconds = time.perf_counter() - start
+        summary = {
+            "epoch": epoch + 1,
+            "loss": sum(losses) / len(losses),
+            "img_per_s": images / seconds,
+            "seconds": seconds,
+        }
+        self.history.epochs.append(summary)
+        run.log_metrics(
+            {
+                "epoch/loss": summary["loss"],
+                "epoch/img_per_s": summary["img_per_s"],
+                "epoch/seconds": seconds,
+            },
+            step=epoch + 1,
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, %.0f img/s, %.1f s",
+            epoch + 1,
+            pp.epochs,
+            summary["loss"],
+            summary["img_per_s"],
+            seconds,
+        )
+
+    def _forward_backward(self, batch: dict) -> float:
+        """One micro-batch; -> its loss (the backward pass is skipped if it is not finite)."""
+        imgs = batch["image"].to(self.rt.device, non_blocking=True)
+        if self.loader.device_augment is not None:  # crop + flip on the device, one call
+            imgs = self.loader.device_augment(imgs, generator=self.masking)
+        noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=self.masking)
+        with self.rt.autocast():
+            loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise.to(self.rt.device))
         value = loss.item()
-        if not math.isfinite(value):
-            raise Diverged(
-                f"loss is {value} at step {step} (epoch {epoch + 1}, lr {last_lr:.3g});"
-                " the last good checkpoint is kept. Lower pretrain.blr or set "
-                "pretrain.clip_grad"
+        if math.isfinite(value):
+            (loss / self.pp.accum_iter).backward()
+        return value
+
+    @torch.no_grad()
+    def reconstructions(self, fixed: tuple[torch.Tensor, torch.Tensor]) -> bytes:
+        imgs, noise = fixed
+        model = self.model.eval()
+        with self.rt.autocast():
+            _, pred, mask = model(
+                imgs.to(self.rt.device), self.pp.mask_ratio, noise.to(self.rt.device)
             )
-        (loss / pp.accum_iter).backward()
-        losses.append(value)
-        images += imgs.shape[0]
-        if (it + 1) % pp.accum_iter == 0:
-            if pp.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), pp.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % pp.log_every == 0:
-                point = {
-                    "step": step,
-                    "epoch": epoch + it / len(loader),
-                    "loss": value,
-                    "lr": last_lr,
-                }
-                history.steps.append(point)
-                run.log_metrics({"train/loss": value, "train/lr": last_lr}, step=step)
-    seconds = time.perf_counter() - start
-    summary = {
-        "epoch": epoch + 1,
-        "loss": sum(losses) / len(losses),
-        "img_per_s": images / seconds,
-        "seconds": seconds,
-    }
-    history.epochs.append(summary)
-    run.log_metrics(
-        {
-            "epoch/loss": summary["loss"],
-            "epoch/img_per_s": summary["img_per_s"],
-            "epoch/seconds": seconds,
-        },
-        step=epoch + 1,
-    )
-    log.info(
-        "epoch %d/%d: loss %.4f, %.0f img/s, %.1f s",
-        epoch + 1,
-        pp.epochs,
-        summary["loss"],
-        summary["img_per_s"],
-        seconds,
-    )
+        model.train()
+        scale = max(1, 112 // imgs.shape[-1])  # small images: enlarge for the eye
+        m, sd = self.manifest["mean"], self.manifest["std"]
+        grid = reconstruction_grid(model, imgs, pred.float(), mask, m, sd, scale=scale)
+        return to_png(grid)
 
 
 def _fixed_val_images(shards: Path, manifest: dict, model, masking_seed: int, n: int = 8):
@@ -252,17 +261,6 @@ def _fixed_val_images(shards: Path, manifest: dict, model, masking_seed: int, n:
         imgs.shape[0], model.cfg.num_patches, generator=torch.Generator().manual_seed(masking_seed)
     )
     return imgs, noise
-
-
-@torch.no_grad()
-def _reconstructions(model, fixed, mask_ratio: float, manifest: dict, rt) -> bytes:
-    imgs, noise = fixed
-    model.eval()
-    with rt.autocast():
-        _, pred, mask = model(imgs.to(rt.device), mask_ratio, noise.to(rt.device))
-    model.train()
-    grid = reconstruction_grid(model, imgs, pred.float(), mask, manifest["mean"], manifest["std"])
-    return to_png(grid)
 
 
 def _write_outputs(p: Params, model, png: bytes, run, history: History, digest: str) -> None:

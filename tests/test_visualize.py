@@ -48,3 +48,14 @@ def test_rgb_and_norm_pix_models_render_and_encode_as_png():
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.mode == "RGB" and image.size == (4 * 18 + 2, 2 * 18 + 2)
     assert torch.equal(torch.from_numpy(np.array(image)).permute(2, 0, 1), grid)
+
+
+def test_scale_enlarges_each_pixel():
+    model = create_mae("mae_vit_test")
+    imgs = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        _, pred, mask = model(imgs, 0.75)
+    small = reconstruction_grid(model, imgs, pred, mask)
+    big = reconstruction_grid(model, imgs, pred, mask, scale=3)
+    assert big.shape == (1, 2 * (48 + 2) + 2, 4 * (48 + 2) + 2)
+    torch.testing.assert_close(big[0, 2:50:3, 2:50:3], small[0, 2:18, 2:18])
