@@ -112,7 +112,8 @@ def bench_loader(
     purpose: str = "pretrain",
     max_images: int = 20_000,
 ) -> DataBench:
-    """img/s of the train-split loader, worker start-up included (as every epoch pays it)."""
+    """img/s of the train-split loader with its full augmentation (the device-side crop and
+    flip too, here on the CPU), worker start-up included (as every epoch pays it)."""
     from pipeline.loader import build_loader
 
     loader = build_loader(
@@ -120,6 +121,8 @@ def bench_loader(
     )
     start, n = time.perf_counter(), 0
     for batch in loader:
+        if loader.device_augment is not None:
+            loader.device_augment(batch["image"])
         n += len(batch["label"])
         if n >= max_images:
             break
