@@ -89,9 +89,14 @@ def build_linear_probe(
     encoder_state: dict[str, torch.Tensor] | None = None,
     *,
     img_size: int | tuple[int, int] | None = None,
+    global_pool: str = "token",
 ) -> VisionTransformer:
-    """Frozen encoder -> cls token -> BatchNorm1d(affine=False) -> Linear; only the head trains."""
-    vit = _vit(cfg, num_classes, img_size, "token", 0.0)
+    """Frozen encoder -> feature -> BatchNorm1d(affine=False) -> Linear; only the head trains.
+
+    The feature is the cls token (`global_pool="token"`, the paper's probe) or the average
+    of the patch tokens (`"avg"`).
+    """
+    vit = _vit(cfg, num_classes, img_size, global_pool, 0.0)
     if encoder_state is not None:
         load_encoder(vit, encoder_state)
     linear = nn.Linear(cfg.embed_dim, num_classes)

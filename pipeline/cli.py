@@ -60,6 +60,86 @@ def pretrain(params: Path = PARAMS) -> None:
 
 
 @app.command()
+def finetune(params: Path = PARAMS) -> None:
+    """Fine-tune the pretrained encoder as a classifier -> models/finetune/, MLflow child run."""
+    from pipeline.finetune import run_finetune
+    from pipeline.params import load_params
+
+    typer.echo(f"finetune done: MLflow run {run_finetune(load_params(params))}")
+
+
+@app.command()
+def linprobe(params: Path = PARAMS) -> None:
+    """Linear probe on the frozen encoder -> models/linprobe/, MLflow child run."""
+    from pipeline.linprobe import run_linprobe
+    from pipeline.params import load_params
+
+    typer.echo(f"linprobe done: MLflow run {run_linprobe(load_params(params))}")
+
+
+@app.command()
+def evaluate(
+    params: Path = PARAMS,
+    run_id: str = typer.Option(
+        None,
+        "--run-id",
+        help="A finetune, linprobe or pretrain run; "
+        "default: this workspace's finetune and linprobe models.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Test-split top-1/top-5, per-class accuracy and confusion matrix of a tracked model."""
+    import json
+
+    from pipeline.evaluate import evaluate_run, evaluate_stage, format_result
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    results = evaluate_run(p, run_id) if run_id else evaluate_stage(p)
+    if as_json:
+        typer.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    else:
+        typer.echo("\n\n".join(format_result(r) for r in results))
+
+
+@app.command()
+def compare(
+    params: Path = PARAMS,
+    out: Path = typer.Option(Path("plots/compare.png"), help="Where to write the plot."),
+) -> None:
+    """Mask ratio vs finetune/linprobe test top-1 across the tracked pretrain runs."""
+    from pipeline.compare import compare_rows, format_rows, plot_rows
+    from pipeline.params import load_params
+
+    rows = compare_rows(load_params(params))
+    if not rows:
+        raise UserError("no pretrain runs in the experiment yet (run `dvc repro`)")
+    typer.echo(format_rows(rows))
+    plot_rows(rows, out)
+    typer.echo(f"plot: {out}")
+
+
+@app.command()
+def ui(
+    params: Path = PARAMS,
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+) -> None:
+    """The MLflow UI for this project's tracking store, on 127.0.0.1."""
+    import os
+
+    from pipeline.params import load_params
+    from pipeline.tracking import resolve_uri
+
+    uri = resolve_uri(load_params(params).tracking)
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    os.execv(
+        str(mlflow),
+        [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+    )
+
+
+@app.command()
 def models() -> None:
     """List the named model configurations and their parameter counts."""
     from mae import PRESETS, count_parameters

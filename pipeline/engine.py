@@ -7,8 +7,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mae.optim import set_lr
 from pipeline.errors import UserError
 from pipeline.params import RuntimeParams
 
@@ -128,9 +131,15 @@ class Checkpoints:
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
         extra: dict,
+        extra_tensors: dict[str, torch.Tensor] | None = None,
     ) -> Path:
+        """`extra` goes to JSON, `extra_tensors` (e.g. the best weights so far) beside the
+        model's; `load` returns both."""
         model_state = {
             f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+        }
+        model_state |= {
+            f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()
         }
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         rng_tensors, rng_meta = _rng_state()
@@ -169,7 +178,72 @@ class Checkpoints:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         _set_rng_state(tensors, meta["rng"])
         generator.set_state(tensors["rng.masking"])
+        meta["tensors"] = {
+            k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")
+        }
         return meta
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the epoch loop
+@dataclass
+class EpochLoop:
+    """One optimisation loop shared by the training stages.
+
+    `forward(batch) -> loss` computes a micro-batch's loss; the loop sets the lr every
+    optimizer step from `lr_fn(fractional epoch)`, accumulates `accum_iter` micro-batches,
+    clips, steps, logs `train/loss` and `train/lr` every `log_every` steps, and stops on a
+    non-finite loss with the step, epoch and lr.
+    """
+
+    optimizer: torch.optim.Optimizer
+    lr_fn: Any  # fractional epoch -> lr
+    steps_per_epoch: int  # optimizer steps
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    log_every: int = 10
+    hint: str = ""  # appended to the divergence message: what to change
+
+    def run(self, epoch: int, batches, forward, run, history: list[dict]) -> dict:
+        micro_steps = self.steps_per_epoch * self.accum_iter
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        losses, images, start = [], 0, time.perf_counter()
+        step, lr = epoch * self.steps_per_epoch, self.lr_fn(epoch)
+        for it, batch in enumerate(batches):
+            if it >= micro_steps:
+                break  # a partial accumulation at the end of an epoch is not applied
+            if it % self.accum_iter == 0:
+                lr = self.lr_fn(epoch + it / micro_steps)
+                set_lr(optimizer, lr)
+            loss = forward(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(
+                    f"loss is {value} at step {step} (epoch {epoch + 1}, lr {lr:.3g});"
+                    f" the last good checkpoint is kept. {self.hint}".rstrip()
+                )
+            (loss / self.accum_iter).backward()
+            losses.append(value)
+            images += len(batch["label"])
+            if (it + 1) % self.accum_iter == 0:
+                if self.clip_grad is not None:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % self.log_every == 0:
+                    history.append(
+                        {"step": step, "epoch": epoch + it / micro_steps, "loss": value, "lr": lr}
+                    )
+                    run.log_metrics({"train/loss": value, "train/lr": lr}, step=step)
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": epoch + 1,
+            "loss": sum(losses) / max(len(losses), 1),
+            "img_per_s": images / seconds,
+            "seconds": seconds,
+        }

@@ -17,6 +17,7 @@ transformed, normalised with the manifest's mean/std, and batched.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -36,6 +37,14 @@ from pipeline.errors import UserError
 Purpose = Literal["pretrain", "finetune", "eval"]
 Segment = tuple[int, int, int]  # (shard index, samples to skip, samples to take)
 IMAGE_EXTS = ("pgm", "png", "jpg")
+
+
+def manifest_digest(shards: Path | str) -> str:
+    """sha256 of manifest.json: names the exact data a run saw."""
+    path = Path(shards) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"no shards at {shards} (run `mae-cli shard` or `dvc repro shard`)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_manifest(folder: Path | str) -> dict:

@@ -89,16 +89,71 @@ class PretrainParams:
 
     def __post_init__(self) -> None:
         _require(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
+        _common_checks(self)
+        _require(self.recon_every >= 1, "recon_every", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = 5
+    warmup_epochs: float = 1.0
+    batch_size: int = 256  # per device and step
+    accum_iter: int = 1
+    blr: float = 1e-3  # lr = blr x effective batch / 256 (the official fine-tuning rule)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # layer-wise lr decay (BEiT/MAE)
+    drop_path: float = 0.1
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.0  # mixup alpha; 0 = off
+    cutmix: float = 0.0  # cutmix alpha; 0 = off
+    randaugment: bool = False  # RandAugment(2, 9) (per-image CPU path)
+    reprob: float = 0.0  # random erasing probability (per-image CPU path)
+    scale_min: float = 0.08  # RandomResizedCrop scale (min, 1)
+    clip_grad: float | None = None
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _common_checks(self)
+        _require(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+        for key in ("drop_path", "smoothing", "reprob"):
+            _require(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
+        for key in ("mixup", "cutmix"):
+            _require(getattr(self, key) >= 0, key, "must be 0 or more")
+        _require(0 < self.scale_min <= 1, "scale_min", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class LinprobeParams:
+    epochs: int = 20
+    warmup_epochs: float = 2.0
+    batch_size: int = 512
+    blr: float = 0.1  # lr = blr x batch / 256; the paper's LARS linear probe
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: Literal["lars", "sgd"] = "lars"
+    pool: Literal["cls", "avg"] = "cls"  # the feature: cls token (paper) or patch average
+    augment: bool = False  # false: encoder features computed once and cached
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", "must be at least 1")
         _require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in [0, epochs]")
-        for key in ("batch_size", "accum_iter", "log_every", "recon_every"):
-            _require(getattr(self, key) >= 1, key, "must be at least 1")
-        for key in ("blr", "min_lr", "weight_decay"):
-            _require(getattr(self, key) >= 0, key, "must be 0 or more")
+        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
         _require(self.blr > 0, "blr", "must be positive")
-        _require(
-            self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive or null"
-        )
+        _require(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
+        _require(self.log_every >= 1, "log_every", "must be at least 1")
+
+
+def _common_checks(p) -> None:
+    _require(p.epochs >= 1, "epochs", "must be at least 1")
+    _require(0 <= p.warmup_epochs <= p.epochs, "warmup_epochs", "must be in [0, epochs]")
+    for key in ("batch_size", "accum_iter", "log_every"):
+        _require(getattr(p, key) >= 1, key, "must be at least 1")
+    for key in ("min_lr", "weight_decay"):
+        _require(getattr(p, key) >= 0, key, "must be 0 or more")
+    _require(p.blr > 0, "blr", "must be positive")
+    _require(p.clip_grad is None or p.clip_grad > 0, "clip_grad", "must be positive or null")
 
 
 @dataclass(frozen=True)
@@ -135,6 +190,8 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    linprobe: LinprobeParams = field(default_factory=LinprobeParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     paths: PathsParams = field(default_factory=PathsParams)

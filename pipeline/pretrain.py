@@ -6,12 +6,9 @@ reconstruction.png, run_id; `paths.metrics`/pretrain.json; `paths.plots`/pretrai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 from mae import MaskedAutoencoderViT, keep_count, mae_config
-from mae.optim import absolute_lr, build_adamw, lr_at, pretrain_param_groups, set_lr
+from mae.optim import absolute_lr, build_adamw, lr_at, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
 from pipeline import reports, tracking
-from pipeline.engine import Checkpoints, Diverged, params_key, resolve_runtime, seed_everything
+from pipeline.engine import Checkpoints, EpochLoop, params_key, resolve_runtime, seed_everything
 from pipeline.errors import UserError
-from pipeline.loader import build_loader
+from pipeline.loader import build_loader, manifest_digest
 from pipeline.params import Params, flatten
 
 log = logging.getLogger(__name__)
@@ -35,10 +32,6 @@ STAGE = "pretrain"
 class History:
     steps: list[dict] = field(default_factory=list)  # step, epoch, loss, lr
     epochs: list[dict] = field(default_factory=list)  # epoch, loss, img_per_s, seconds
-
-
-def manifest_digest(shards: Path) -> str:
-    return hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
 
 
 def build_model(p: Params, manifest: dict) -> MaskedAutoencoderViT:
@@ -128,6 +121,15 @@ class Pretrainer:
         self.optimizer = build_adamw(groups, self.lr)
         self.masking = torch.Generator().manual_seed(p.runtime.seed)  # masks and crops
         self.history = History()
+        self.loop = EpochLoop(
+            self.optimizer,
+            self.lr_at,
+            self.steps_per_epoch,
+            self.pp.accum_iter,
+            self.pp.clip_grad,
+            self.pp.log_every,
+            hint="Lower pretrain.blr or set pretrain.clip_grad.",
+        )
 
     def resume(self, checkpoints: Checkpoints) -> tuple[int, str | None]:
         """Load the newest checkpoint, if any; -> (first epoch to train, run id to continue)."""
@@ -161,81 +163,35 @@ class Pretrainer:
         )
 
     def train_epoch(self, epoch: int, run) -> None:
-        pp, model, optimizer = self.pp, self.model, self.optimizer
-        micro_steps = self.steps_per_epoch * pp.accum_iter
         self.net.train()
         self.loader.set_epoch(epoch)
-        optimizer.zero_grad(set_to_none=True)
-        losses, images, start = [], 0, time.perf_counter()
-        step, last_lr = epoch * self.steps_per_epoch, self.lr_at(epoch)
-        for it, batch in enumerate(self.loader):
-            if it >= micro_steps:
-                break  # a partial accumulation at the end of an epoch is not applied
-            if it % pp.accum_iter == 0:  # the lr follows the schedule every optimizer step
-                last_lr = self.lr_at(epoch + it / micro_steps)
-                set_lr(optimizer, last_lr)
-            value = self._forward_backward(batch)
-            if not math.isfinite(value):
-                raise Diverged(
-                    f"loss is {value} at step {step} (epoch {epoch + 1}, lr "
-                    f"{last_lr:.3g}); the last good checkpoint is kept. Lower "
-                    "pretrain.blr or set pretrain.clip_grad"
-                )
-            losses.append(value)
-            images += len(batch["label"])
-            if (it + 1) % pp.accum_iter == 0:
-                if pp.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), pp.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % pp.log_every == 0:
-                    self.history.steps.append(
-                        {
-                            "step": step,
-                            "epoch": epoch + it / micro_steps,
-                            "loss": value,
-                            "lr": last_lr,
-                        }
-                    )
-                    run.log_metrics({"train/loss": value, "train/lr": last_lr}, step=step)
-        seconds = time.perf_counter() - start
-        summary = {
-            "epoch": epoch + 1,
-            "loss": sum(losses) / len(losses),
-            "img_per_s": images / seconds,
-            "seconds": seconds,
-        }
+        summary = self.loop.run(epoch, self.loader, self._loss, run, self.history.steps)
         self.history.epochs.append(summary)
         run.log_metrics(
             {
                 "epoch/loss": summary["loss"],
                 "epoch/img_per_s": summary["img_per_s"],
-                "epoch/seconds": seconds,
+                "epoch/seconds": summary["seconds"],
             },
             step=epoch + 1,
         )
         log.info(
             "epoch %d/%d: loss %.4f, %.0f img/s, %.1f s",
             epoch + 1,
-            pp.epochs,
+            self.pp.epochs,
             summary["loss"],
             summary["img_per_s"],
-            seconds,
+            summary["seconds"],
         )
 
-    def _forward_backward(self, batch: dict) -> float:
-        """One micro-batch; -> its loss (the backward pass is skipped if it is not finite)."""
+    def _loss(self, batch: dict) -> torch.Tensor:
         imgs = batch["image"].to(self.rt.device, non_blocking=True)
         if self.loader.device_augment is not None:  # crop + flip on the device, one call
             imgs = self.loader.device_augment(imgs, generator=self.masking)
         noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=self.masking)
         with self.rt.autocast():
             loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise.to(self.rt.device))
-        value = loss.item()
-        if math.isfinite(value):
-            (loss / self.pp.accum_iter).backward()
-        return value
+        return loss
 
     @torch.no_grad()
     def reconstructions(self, fixed: tuple[torch.Tensor, torch.Tensor]) -> bytes:

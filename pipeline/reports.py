@@ -40,3 +40,38 @@ def plot_curve(path: Path, rows: list[dict[str, float]], x: str, ys: list[str], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def confusion_png(confusion: list[list[int]], classes: list[str], title: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.6 * n))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(row) for row in confusion) or 1
+    for i, row in enumerate(confusion):
+        for j, v in enumerate(row):
+            ax.text(
+                j,
+                i,
+                v,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v > top / 2 else "black",
+            )
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

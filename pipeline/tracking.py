@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,66 @@ def start_run(
         run = Run(active)
         run.set_tags(all_tags)
         yield run
+
+
+# ------------------------------------------------------------------ existing runs
+def get_run(run_id: str):
+    """The run, or UserError naming the id and the store."""
+    try:
+        return mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None
+
+
+def log_to_run(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Add metrics to any run (finished or not) without changing its status."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+    )
+
+
+def log_artifact_to_run(run_id: str, data: bytes, artifact_path: str) -> None:
+    import tempfile
+
+    folder, name = os.path.split(artifact_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_bytes(data)
+        MlflowClient().log_artifact(run_id, str(Path(tmp) / name), folder or None)
+
+
+def child_runs(run_id: str, stages: tuple[str, ...]) -> list:
+    run = get_run(run_id)
+    children = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id],
+        output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+    )
+    return [c for c in children if c.data.tags.get("stage") in stages]
+
+
+def download_model(run_id: str, dst: Path) -> Path:
+    """The run's `model/` artifacts in `dst`; UserError if it has none."""
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model", dst_path=str(dst)
+        )
+    except Exception:
+        raise UserError(f"run {run_id} has no model (no model/ artifacts)") from None
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise UserError(f"run {run_id} has no model (model/ lacks config.json or weights)")
+    return folder
+
+
+def stage_runs(experiment: str, stage: str) -> list:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        output_format="list",
+        filter_string=f"tags.stage = '{stage}'",
+    )

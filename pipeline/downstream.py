@@ -1,0 +1,189 @@
+"""The skeleton of the downstream stages (finetune, linprobe): a child MLflow run of the
+pretrain run, epochs with validation top-1, the best model kept, resumable checkpoints,
+and the outputs every stage writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import reports, tracking
+from pipeline.classify import Pretrained, save_classifier
+from pipeline.engine import Checkpoints, params_key, resolve_runtime, seed_everything
+from pipeline.errors import UserError
+from pipeline.loader import build_loader, read_manifest
+from pipeline.params import Params, flatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class History:
+    steps: list[dict] = field(default_factory=list)  # step, epoch, loss, lr
+    epochs: list[dict] = field(default_factory=list)  # epoch, loss, val_top1, img/s, seconds
+
+
+class Downstream:
+    """Subclasses set `model`, `optimizer`, `config` and implement `train_epoch`,
+    `validate` and `derived_params`."""
+
+    stage = ""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    config: dict
+
+    def __init__(self, p: Params, pre: Pretrained) -> None:
+        self.p, self.pre = p, pre
+        self.section = getattr(p, self.stage)
+        self.rt = resolve_runtime(p.runtime)
+        seed_everything(p.runtime.seed)
+        shards = Path(p.data.shards)
+        self.manifest = read_manifest(shards)
+        self.num_classes = len(self.manifest["classes"])
+        if not self.manifest["splits"]["val"]["count"]:
+            raise UserError(
+                "the val split is empty: the kept model is chosen on it "
+                "(set data.val_fraction above 0)"
+            )
+        self.val_loader = build_loader(
+            shards,
+            "val",
+            "eval",
+            batch_size=512,
+            img_size=pre.cfg.image_hw[0],
+            num_workers=p.runtime.num_workers,
+        )
+        self.generator = torch.Generator().manual_seed(p.runtime.seed)  # crops, shuffles
+        self.history = History()
+
+    def train_epoch(self, epoch: int, run) -> dict:
+        raise NotImplementedError
+
+    def validate(self) -> float:
+        raise NotImplementedError
+
+    def derived_params(self) -> dict:
+        return {}
+
+
+def run_downstream(t: Downstream) -> str:
+    """Train `t` with validation, keep the best epoch, write outputs; -> the run id."""
+    p, stage = t.p, t.stage
+    experiment_id = tracking.connect(p.tracking)
+    parent = tracking.get_run(t.pre.run_id)
+    inherited = {
+        k: v
+        for k, v in parent.data.params.items()
+        if k.startswith(("pretrain.", "model.", "data."))
+    }
+    key = params_key(flatten(t.section), flatten(p.runtime), t.pre.run_id, t.pre.manifest_digest)
+    checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{stage}-{key}")
+    start, run_id, best = 0, None, {"top1": -1.0, "epoch": 0, "state": None}
+    if (latest := checkpoints.latest()) is not None:
+        meta = checkpoints.load(latest, t.model, t.optimizer, t.generator)
+        t.history = History(meta["history"]["steps"], meta["history"]["epochs"])
+        best = {"top1": meta["best_top1"], "epoch": meta["best_epoch"], "state": meta["tensors"]}
+        start, run_id = meta["epoch"] + 1, meta["run_id"]
+        run_id = run_id if tracking.run_exists(run_id) else None
+        log.info("resuming from %s (epoch %d of %d)", latest, start + 1, t.section.epochs)
+    tags = {
+        "stage": stage,
+        "git.commit": tracking.git_commit(tracking.project_root()),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+        "data.manifest_digest": t.pre.manifest_digest,
+    }
+    name = f"{stage} mask={inherited.get('pretrain.mask_ratio', '?')}"
+    with tracking.start_run(
+        experiment_id, run_name=name, run_id=run_id, parent_id=t.pre.run_id, tags=tags
+    ) as run:
+        if run_id is None:
+            own = {f"{stage}.{k}": v for k, v in flatten(t.section).items()}
+            runtime = {f"runtime.{k}": v for k, v in flatten(p.runtime).items()}
+            run.log_params(
+                {
+                    **inherited,
+                    **own,
+                    **runtime,
+                    **t.derived_params(),
+                    "pretrain.run_id": t.pre.run_id,
+                }
+            )
+            shards = Path(p.data.shards)
+            run.log_dataset(
+                shards / "manifest.json",
+                t.pre.manifest_digest,
+                f"{p.data.source}/train",
+                "training",
+            )
+        for epoch in range(start, t.section.epochs):
+            summary = t.train_epoch(epoch, run)
+            summary["val_top1"] = t.validate()
+            t.history.epochs.append(summary)
+            run.log_metrics(
+                {
+                    "epoch/loss": summary["loss"],
+                    "val/top1": summary["val_top1"],
+                    "epoch/img_per_s": summary["img_per_s"],
+                    "epoch/seconds": summary["seconds"],
+                },
+                step=epoch + 1,
+            )
+            log.info(
+                "%s epoch %d/%d: loss %.4f, val top-1 %.4f, %.0f img/s, %.1f s",
+                stage,
+                epoch + 1,
+                t.section.epochs,
+                summary["loss"],
+                summary["val_top1"],
+                summary["img_per_s"],
+                summary["seconds"],
+            )
+            if summary["val_top1"] > best["top1"]:  # chosen on validation, never on test
+                state = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
+                best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
+            checkpoints.save(
+                epoch,
+                t.model,
+                t.optimizer,
+                t.generator,
+                {
+                    "run_id": run.id,
+                    "history": t.history.__dict__,
+                    "best_top1": best["top1"],
+                    "best_epoch": best["epoch"],
+                },
+                extra_tensors=best["state"],
+            )
+        _write_outputs(t, run, best)
+    checkpoints.clear()
+    return run.id
+
+
+def _write_outputs(t: Downstream, run, best: dict) -> None:
+    p, stage = t.p, t.stage
+    out = Path(p.paths.models) / stage
+    for path in save_classifier(out, t.model, t.config, best["state"]):
+        run.log_file(path, "model")
+    plots = Path(p.paths.plots) / stage
+    curve = [
+        {"epoch": e["epoch"], "loss": e["loss"], "val_top1": e["val_top1"]}
+        for e in t.history.epochs
+    ]
+    reports.write_curve(plots / "curve.csv", curve)
+    reports.plot_curve(plots / "curve.png", curve, "epoch", ["loss", "val_top1"], run.id)
+    run.log_file(plots / "curve.png", "plots")
+    metrics = {
+        "val_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "train_loss": t.history.epochs[-1]["loss"],
+        "minutes": sum(e["seconds"] for e in t.history.epochs) / 60,
+    }
+    reports.write_metrics(Path(p.paths.metrics) / f"{stage}.json", metrics)
+    run.log_metrics({f"{stage}/{k}": v for k, v in metrics.items()})
+    run.log_bytes(json.dumps(flatten(p), indent=2).encode(), "params.json")
+    (out / "run_id").write_text(run.id + "\n")  # last: its presence means "complete"

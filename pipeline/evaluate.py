@@ -1,0 +1,123 @@
+"""Evaluate a tracked model on the test split: the evaluate stage and
+`mae-cli evaluate --run-id` share this code.
+
+The model comes from the run's MLflow artifacts (so a fresh clone that reaches the same
+store and has the shards can evaluate any run); the results go back to the run, and the
+headline top-1 to its parent pretrain run, so pretrain runs compare mask ratios alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from pipeline import reports, tracking
+from pipeline.classify import evaluate, load_classifier
+from pipeline.engine import resolve_runtime
+from pipeline.errors import UserError
+from pipeline.loader import build_loader, manifest_digest
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+DOWNSTREAM = ("finetune", "linprobe")
+
+
+def evaluate_run(p: Params, run_id: str) -> list[dict]:
+    """Evaluate a finetune or linprobe run, or every such child of a pretrain run."""
+    tracking.connect(p.tracking)
+    run = tracking.get_run(run_id)
+    stage = run.data.tags.get("stage")
+    if stage == "pretrain":
+        children = tracking.child_runs(run_id, DOWNSTREAM)
+        if not children:
+            raise UserError(f"pretrain run {run_id} has no finetune or linprobe run to evaluate")
+        log.info(
+            "run %s is a pretrain run: evaluating its %d finetune/linprobe run(s)",
+            run_id,
+            len(children),
+        )
+        return [_evaluate_one(p, child) for child in children]
+    if stage not in DOWNSTREAM:
+        raise UserError(
+            f"run {run_id} is a {stage or 'untagged'} run; give a finetune, "
+            "linprobe or pretrain run"
+        )
+    return [_evaluate_one(p, run)]
+
+
+def _evaluate_one(p: Params, run) -> dict:
+    run_id, stage = run.info.run_id, run.data.tags["stage"]
+    shards = Path(p.data.shards)
+    digest = manifest_digest(shards)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, config = load_classifier(tracking.download_model(run_id, Path(tmp)))
+    if config["manifest_digest"] != digest:
+        raise UserError(
+            f"run {run_id} was trained on other shards (manifest digest "
+            f"{config['manifest_digest'][:12]}; {shards} has {digest[:12]})"
+        )
+    rt = resolve_runtime(p.runtime)
+    img_size = config["model"]["img_size"]
+    img_size = img_size if isinstance(img_size, int) else img_size[0]
+    loader = build_loader(
+        shards, "test", "eval", batch_size=512, img_size=img_size, num_workers=p.runtime.num_workers
+    )
+    result = evaluate(model.to(rt.device), loader, rt.device, config["num_classes"], rt.autocast)
+    classes = config["classes"]
+    metrics = {"test/top1": result["top1"], "test/top5": result["top5"]}
+    metrics |= {
+        f"test/acc/{_metric_name(c)}": a for c, a in zip(classes, result["per_class"], strict=True)
+    }
+    tracking.log_to_run(run_id, metrics)
+    png = reports.confusion_png(result["confusion"], classes, f"{stage} {run_id[:8]}")
+    tracking.log_artifact_to_run(run_id, png, "evaluation/confusion_matrix.png")
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        tracking.log_to_run(
+            parent, {f"{stage}/test_top1": result["top1"], f"{stage}/test_top5": result["top5"]}
+        )
+    return {
+        "run_id": run_id,
+        "stage": stage,
+        "parent_run_id": parent,
+        "classes": classes,
+        **result,
+        "per_class": dict(zip(classes, result["per_class"], strict=True)),
+    }
+
+
+def _metric_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
+
+
+def evaluate_stage(p: Params) -> list[dict]:
+    """The DVC stage: the finetune and linprobe models of this workspace -> evaluate.json."""
+    results = []
+    for stage in DOWNSTREAM:
+        path = Path(p.paths.models) / stage / "run_id"
+        if not path.is_file():
+            raise UserError(f"{path} is missing (run `dvc repro {stage}`)")
+        results += evaluate_run(p, path.read_text().strip())
+    metrics = {f"{r['stage']}_{k}": r[k] for r in results for k in ("top1", "top5")}
+    reports.write_metrics(Path(p.paths.metrics) / "evaluate.json", metrics)
+    return results
+
+
+def format_result(r: dict) -> str:
+    """A table a person reads: headline, per-class accuracy, confusion matrix."""
+    classes = r["classes"]
+    width = max(len(c) for c in classes)
+    lines = [
+        f"{r['stage']} run {r['run_id']}: test top-1 {r['top1']:.4f}, "
+        f"top-5 {r['top5']:.4f} on {r['count']:,} images",
+        "",
+        f"{'class':<{width}}  accuracy",
+    ]
+    lines += [f"{c:<{width}}  {a:.4f}" for c, a in r["per_class"].items()]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+    lines += [
+        f"{c:<{width}}  " + " ".join(f"{n:5d}" for n in row)
+        for c, row in zip(classes, r["confusion"], strict=True)
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The linprobe stage: the frozen encoder, BatchNorm1d(affine=False) + Linear on its cls
+token (or patch average), LARS or SGD, as in the paper. Without augmentation the encoder's
+features are computed once and cached, so an epoch costs only the head."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from mae import build_linear_probe
+from mae.optim import absolute_lr, build_lars, lr_at
+from pipeline import tracking
+from pipeline.classify import classifier_config, load_pretrained
+from pipeline.downstream import Downstream, run_downstream
+from pipeline.engine import EpochLoop
+from pipeline.errors import UserError
+from pipeline.loader import Augment, build_loader
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+STAGE = "linprobe"
+POOL = {"cls": "token", "avg": "avg"}
+
+
+class LinearProber(Downstream):
+    stage = STAGE
+
+    def __init__(self, p: Params) -> None:
+        lp = self.lp = p.linprobe
+        shards = Path(p.data.shards)
+        pre = load_pretrained(Path(p.paths.models) / "pretrain", shards)
+        super().__init__(p, pre)
+        self.model = build_linear_probe(
+            pre.cfg, self.num_classes, pre.state, global_pool=POOL[lp.pool]
+        ).to(self.rt.device)
+        img_size = pre.cfg.image_hw[0]
+        # augment: the pretraining crops, on every epoch; else eval images, encoded once
+        purpose, aug = ("pretrain", Augment()) if lp.augment else ("eval", Augment())
+        self.loader = build_loader(
+            shards,
+            "train",
+            purpose,
+            batch_size=lp.batch_size,
+            img_size=img_size,
+            aug=aug,
+            num_workers=p.runtime.num_workers,
+            seed=p.runtime.seed,
+        )
+        self.model.eval()  # the encoder never trains; the head switches modes itself
+        self.train_cache = None if lp.augment else self._features(self.loader)
+        self.val_cache = self._features(self.val_loader)
+        steps = len(self.loader) if lp.augment else len(self.train_cache[1]) // lp.batch_size
+        if steps < 1:
+            raise UserError(f"linprobe.batch_size {lp.batch_size} is larger than the train split")
+        self.lr = absolute_lr(lp.blr, lp.batch_size * self.loader.dataset.world_size)
+        if lp.optimizer == "lars":
+            self.optimizer = build_lars(self.model, self.lr, lp.weight_decay)
+        else:
+            head = [x for x in self.model.parameters() if x.requires_grad]
+            self.optimizer = torch.optim.SGD(
+                head, lr=self.lr, momentum=0.9, weight_decay=lp.weight_decay
+            )
+        self.loop = EpochLoop(
+            self.optimizer, self._lr_at, steps, 1, None, lp.log_every, hint="Lower linprobe.blr."
+        )
+        self.config = classifier_config(
+            STAGE, pre.cfg, self.manifest, pre.manifest_digest, POOL[lp.pool]
+        )
+
+    def _lr_at(self, epoch: float) -> float:
+        lp = self.lp
+        return lr_at(
+            epoch, lr=self.lr, epochs=lp.epochs, warmup_epochs=lp.warmup_epochs, min_lr=lp.min_lr
+        )
+
+    def derived_params(self) -> dict:
+        return {"linprobe.lr": self.lr, "linprobe.cached_features": self.train_cache is not None}
+
+    @torch.no_grad()
+    def _encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's feature, just before the BatchNorm + Linear head."""
+        m = self.model
+        with self.rt.autocast():
+            return m.forward_head(m.forward_features(imgs), pre_logits=True).float()
+
+    def _features(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        for batch in loader:
+            feats.append(self._encode(batch["image"].to(self.rt.device)).cpu())
+            labels.append(batch["label"])
+        return torch.cat(feats), torch.cat(labels)
+
+    def _cached_batches(self, epoch: int):
+        feats, labels = self.train_cache
+        order = torch.randperm(len(labels), generator=self.generator)
+        bs = self.lp.batch_size
+        for i in range(0, len(order) - bs + 1, bs):  # full batches, as the loader gives
+            idx = order[i : i + bs]
+            yield {"feature": feats[idx], "label": labels[idx]}
+
+    def _augmented_batches(self, epoch: int):
+        self.loader.set_epoch(epoch)
+        for batch in self.loader:
+            imgs = batch["image"].to(self.rt.device, non_blocking=True)
+            if self.loader.device_augment is not None:
+                imgs = self.loader.device_augment(imgs, generator=self.generator)
+            yield {"feature": self._encode(imgs), "label": batch["label"]}
+
+    def train_epoch(self, epoch: int, run) -> dict:
+        batches = (
+            self._cached_batches if self.train_cache is not None else self._augmented_batches
+        )(epoch)
+        self.model.head.train()  # BatchNorm statistics of the head; the encoder stays eval
+        return self.loop.run(epoch, batches, self._loss, run, self.history.steps)
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        logits = self.model.head(batch["feature"].to(self.rt.device))
+        return torch.nn.functional.cross_entropy(logits, batch["label"].to(self.rt.device))
+
+    def validate(self) -> float:
+        feats, labels = self.val_cache
+        self.model.head.eval()
+        with torch.no_grad():
+            logits = self.model.head(feats.to(self.rt.device)).cpu()
+        top1 = (logits.argmax(1) == labels).float().mean().item()
+        return top1 if math.isfinite(top1) else 0.0
+
+
+def run_linprobe(p: Params) -> str:
+    tracking.connect(p.tracking)  # fails now, not hours later
+    return run_downstream(LinearProber(p))
