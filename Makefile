@@ -8,7 +8,7 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup dataset run test test-fast lint format clean
+.PHONY: help setup dataset run sweep compare ui test test-fast lint format clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,6 +35,22 @@ dataset: ## Install Debian's dataset-fashion-mnist where apt is available
 
 run: setup ## Set up, then run the whole pipeline with DVC (dvc repro)
 	$(BIN)/dvc repro
+
+MASK_RATIOS ?= 0.25,0.5,0.75,0.9
+sweep: setup ## Queue and run a mask-ratio sweep (MASK_RATIOS=...), then compare
+	@# Create the tracking store once: parallel first use of a fresh SQLite store fails.
+	$(BIN)/python -c "from pipeline.params import load_params; from pipeline.tracking import connect; connect(load_params('params.yaml').tracking)"
+	$(BIN)/dvc exp run --queue -S 'pretrain.mask_ratio=$(MASK_RATIOS)'
+	$(BIN)/dvc queue start
+	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 30; done
+	$(BIN)/dvc queue status
+	$(BIN)/mae-cli compare
+
+compare: ## Mask ratio vs downstream accuracy across tracked runs (plots/compare.png)
+	$(BIN)/mae-cli compare
+
+ui: ## The MLflow UI for this project's store on http://127.0.0.1:5000
+	$(BIN)/mae-cli ui
 
 test: setup ## Set up, then run the test suite (all but GPU tests)
 	$(BIN)/python -m pytest -m "not gpu"

@@ -106,3 +106,43 @@ def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def run_cmd(cmd: list[str], cwd: Path, timeout: int = 600, stdout_only: bool = False) -> str:
+    """Run a command of this environment (dvc, mae-cli) and return its output; fail loudly."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd}: {result.stdout}\n{result.stderr}"
+    return result.stdout if stdout_only else result.stdout + result.stderr
+
+
+def dvc_repo(tmp_path: Path, params: dict) -> Path:
+    """A git + DVC repo holding this project's code, dvc.yaml and the given params."""
+    import shutil
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for folder in ("mae", "pipeline"):
+        shutil.copytree(root / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "dvc.yaml", repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/.checkpoints/\n")
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "test"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        run_cmd(cmd, repo)
+    return repo

@@ -1,0 +1,149 @@
+"""finetune, linprobe and evaluate with the real MLflow on synthetic shards."""
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate_run, evaluate_stage
+from pipeline.finetune import run_finetune
+from pipeline.linprobe import run_linprobe
+from pipeline.params import load_params
+from pipeline.pretrain import run_pretrain
+from pipeline.shard import run_shard
+from tests.factory import idx_dataset
+
+PARAMS = {
+    "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
+    "model": {"name": "mae_vit_test"},
+    "pretrain": {"epochs": 1, "batch_size": 32, "log_every": 2},
+    "finetune": {"epochs": 2, "batch_size": 32, "log_every": 2},
+    "linprobe": {"epochs": 3, "batch_size": 32, "log_every": 2, "warmup_epochs": 1},
+    "runtime": {"num_workers": 0, "device": "cpu"},
+    "tracking": {"experiment": "test"},
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A project with shards and a pretrain run, shared by the tests of this module."""
+    folder = tmp_path_factory.mktemp("project")
+    idx_dataset(folder / "raw", n_train=200, n_test=40, size=16)
+    params = {
+        **PARAMS,
+        "tracking": {**PARAMS["tracking"], "uri": f"sqlite:///{folder / 'mlflow.db'}"},
+    }
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        run_shard(load_params("params.yaml").data)
+        run_pretrain(load_params("params.yaml"))
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+@pytest.fixture
+def project(pretrained, monkeypatch):
+    monkeypatch.chdir(pretrained)
+    return pretrained
+
+
+def _run(run_id):
+    return mlflow.get_run(run_id)
+
+
+def test_finetune_is_a_child_run_that_inherits_pretrain_params_and_keeps_the_best(project):
+    run_id = run_finetune(load_params("params.yaml"))
+    run, parent_id = _run(run_id), (project / "models/pretrain/run_id").read_text().strip()
+    assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.tags["stage"] == "finetune"
+    assert run.data.params["pretrain.mask_ratio"] == "0.75"  # inherited: a column here too
+    assert run.data.params["finetune.layer_decay"] == "0.75"
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val/top1")
+    metrics = json.loads((project / "metrics/finetune.json").read_text())
+    assert metrics["val_top1"] == pytest.approx(max(m.value for m in history), abs=1e-6)
+    assert (project / "models/finetune/run_id").read_text().strip() == run_id
+    config = json.loads((project / "models/finetune/config.json").read_text())
+    assert config["kind"] == "finetune" and config["num_classes"] == 10
+
+
+def test_linprobe_trains_only_the_head_on_cached_features(project):
+    run_id = run_linprobe(load_params("params.yaml"))
+    assert _run(run_id).data.params["linprobe.cached_features"] == "True"
+    probe = load_file(str(project / "models/linprobe/model.safetensors"))
+    mae = load_file(str(project / "models/pretrain/model.safetensors"))
+    for key in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "norm.weight"):
+        assert torch.equal(probe[key], mae[key])  # the encoder is frozen
+    assert "head.0.running_mean" in probe and "head.1.weight" in probe
+
+
+def test_evaluate_logs_to_the_run_and_its_parent(project):
+    run_finetune(load_params("params.yaml"))
+    run_linprobe(load_params("params.yaml"))
+    results = evaluate_stage(load_params("params.yaml"))
+    assert [r["stage"] for r in results] == ["finetune", "linprobe"]
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(metrics) == {"finetune_top1", "finetune_top5", "linprobe_top1", "linprobe_top5"}
+    finetune = results[0]
+    assert finetune["count"] == 40 and sum(map(sum, finetune["confusion"])) == 40
+    run, parent = _run(finetune["run_id"]), _run(finetune["parent_run_id"])
+    assert run.data.metrics["test/top1"] == pytest.approx(finetune["top1"])
+    assert "test/acc/0" in run.data.metrics
+    assert parent.data.metrics["finetune/test_top1"] == pytest.approx(finetune["top1"])
+    artifacts = [
+        a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")
+    ]
+    assert artifacts == ["evaluation/confusion_matrix.png"]
+    again = evaluate_run(load_params("params.yaml"), finetune["run_id"])
+    assert again[0]["top1"] == finetune["top1"]  # the same code path, the same numbers
+
+
+def test_evaluate_bad_run_ids_are_one_line_errors(project):
+    p = load_params("params.yaml")
+    with pytest.raises(UserError, match="no MLflow run 0123456789abcdef in sqlite:///"):
+        evaluate_run(p, "0123456789abcdef")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("test").experiment_id
+    empty = client.create_run(experiment, tags={"stage": "finetune"}).info.run_id
+    with pytest.raises(UserError, match=f"run {empty} has no model"):
+        evaluate_run(p, empty)
+    lonely = client.create_run(experiment, tags={"stage": "pretrain"}).info.run_id
+    with pytest.raises(UserError, match=f"pretrain run {lonely} has no finetune or linprobe"):
+        evaluate_run(p, lonely)
+
+
+def test_evaluate_refuses_shards_of_another_dataset(project, tmp_path):
+    run_id = run_finetune(load_params("params.yaml"))
+    idx_dataset(tmp_path / "raw", n_train=100, n_test=20, size=16, seed=7)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(root=str(tmp_path / "raw"), shards=str(tmp_path / "shards"))
+    other = tmp_path / "params.yaml"
+    other.write_text(yaml.safe_dump(params))
+    run_shard(load_params(other).data)
+    with pytest.raises(UserError, match=f"run {run_id} was trained on other shards"):
+        evaluate_run(load_params(other), run_id)
+
+
+def test_unreachable_store_is_a_user_error(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["uri"] = "http://127.0.0.1:9"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match="cannot reach the MLflow tracking store at http"):
+        evaluate_run(load_params(bad), "0123456789abcdef")
+
+
+def test_downstream_needs_the_pretrained_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(PARAMS))
+    idx_dataset(tmp_path / "raw", n_train=100, n_test=20, size=16)
+    run_shard(load_params("params.yaml").data)
+    with pytest.raises(UserError, match=r"no pretrained model: models/pretrain/config.json"):
+        run_finetune(load_params("params.yaml"))

@@ -1,0 +1,72 @@
+"""The whole pipeline through the real CLI, real DVC (a temporary git repo) and the real
+MLflow (SQLite) on tiny params and synthetic shards."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.factory import dvc_repo, idx_dataset, run_cmd
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": {"name": "mae_vit_test"},
+    "pretrain": {"epochs": 2, "batch_size": 32, "log_every": 2, "recon_every": 1},
+    "finetune": {"epochs": 2, "batch_size": 32, "log_every": 2},
+    "linprobe": {"epochs": 2, "batch_size": 32, "log_every": 2, "warmup_epochs": 1},
+    "runtime": {"num_workers": 0, "device": "cpu"},
+    "tracking": {"experiment": "e2e"},
+}
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    idx_dataset(tmp_path / "raw", n_train=200, n_test=60, size=16)
+    params["data"].update(source="idx", root=str(tmp_path / "raw"), workers=0)
+    repo = dvc_repo(tmp_path, params)
+
+    out = run_cmd(["dvc", "repro"], repo)
+    for stage in ("shard", "pretrain", "finetune", "linprobe", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = {
+        r.data.tags["stage"]: r
+        for r in mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    }
+    assert set(runs) == {"pretrain", "finetune", "linprobe"}
+    pretrain = runs["pretrain"]
+    for stage in ("finetune", "linprobe"):
+        child = runs[stage]
+        assert child.data.tags["mlflow.parentRunId"] == pretrain.info.run_id
+        assert child.data.params["pretrain.mask_ratio"] == "0.75"  # inherited
+        assert (repo / "models" / stage / "run_id").read_text().strip() == child.info.run_id
+        assert pretrain.data.metrics[f"{stage}/test_top1"] == child.data.metrics["test/top1"]
+
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    again = json.loads(
+        run_cmd(
+            ["mae-cli", "evaluate", "--run-id", runs["finetune"].info.run_id, "--json"],
+            repo,
+            stdout_only=True,
+        )
+    )
+    assert round(again["top1"], 6) == evaluated["finetune_top1"]
+    assert round(again["top5"], 6) == evaluated["finetune_top5"]
+    both = json.loads(
+        run_cmd(
+            ["mae-cli", "evaluate", "--run-id", pretrain.info.run_id, "--json"],
+            repo,
+            stdout_only=True,
+        )
+    )
+    assert {r["stage"] for r in both} == {"finetune", "linprobe"}
+
+    assert "Data and pipelines are up to date" in run_cmd(["dvc", "repro"], repo)
+    table = run_cmd(["mae-cli", "compare", "--out", "plots/compare.png"], repo)
+    assert "0.75" in table and (repo / "plots/compare.png").is_file()
