@@ -76,7 +76,7 @@ class ModelParams:
 class PretrainParams:
     mask_ratio: float = 0.75  # fraction of patches removed (the paper's 75%)
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (paper Table 1c)
-    epochs: int = 8
+    epochs: int = 6
     warmup_epochs: float = 1.0  # linear warm-up, then half-cycle cosine
     batch_size: int = 256  # per device and step
     accum_iter: int = 1  # gradient accumulation: effective batch = batch_size x accum x ranks
@@ -96,20 +96,20 @@ class PretrainParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     epochs: int = 5
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     batch_size: int = 256  # per device and step
     accum_iter: int = 1
-    blr: float = 1e-3  # lr = blr x effective batch / 256 (the official fine-tuning rule)
+    blr: float = 2e-3  # lr = blr x effective batch / 256 (the official fine-tuning rule)
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    layer_decay: float = 0.75  # layer-wise lr decay (BEiT/MAE)
+    layer_decay: float = 0.85  # layer-wise lr decay (BEiT/MAE)
     drop_path: float = 0.1
     smoothing: float = 0.1  # label smoothing
     mixup: float = 0.0  # mixup alpha; 0 = off
     cutmix: float = 0.0  # cutmix alpha; 0 = off
     randaugment: bool = False  # RandAugment(2, 9) (per-image CPU path)
     reprob: float = 0.0  # random erasing probability (per-image CPU path)
-    scale_min: float = 0.08  # RandomResizedCrop scale (min, 1)
+    scale_min: float = 0.6  # RandomResizedCrop scale (min, 1)
     clip_grad: float | None = None
     log_every: int = 10
 
@@ -125,14 +125,14 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class LinprobeParams:
-    epochs: int = 20
-    warmup_epochs: float = 2.0
+    epochs: int = 100  # cheap with cached features
+    warmup_epochs: float = 5.0
     batch_size: int = 512
-    blr: float = 0.1  # lr = blr x batch / 256; the paper's LARS linear probe
+    blr: float = 3.0  # lr = blr x batch / 256 (LARS, as the paper's linear probe)
     min_lr: float = 0.0
     weight_decay: float = 0.0
     optimizer: Literal["lars", "sgd"] = "lars"
-    pool: Literal["cls", "avg"] = "cls"  # the feature: cls token (paper) or patch average
+    pool: Literal["cls", "avg"] = "avg"  # the feature: patch average or cls token (paper)
     augment: bool = False  # false: encoder features computed once and cached
     log_every: int = 10
 
