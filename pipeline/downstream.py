@@ -7,25 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline import reports, tracking
-from pipeline.classify import Pretrained, save_classifier
-from pipeline.engine import Checkpoints, params_key, resolve_runtime, seed_everything
+from pipeline.classify import load_pretrained, save_classifier
+from pipeline.engine import Checkpoints, History, params_key, resolve_runtime, seed_everything
 from pipeline.errors import UserError
 from pipeline.loader import build_loader, read_manifest
 from pipeline.params import Params, flatten
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class History:
-    steps: list[dict] = field(default_factory=list)  # step, epoch, loss, lr
-    epochs: list[dict] = field(default_factory=list)  # epoch, loss, val_top1, img/s, seconds
 
 
 class Downstream:
@@ -37,8 +30,9 @@ class Downstream:
     optimizer: torch.optim.Optimizer
     config: dict
 
-    def __init__(self, p: Params, pre: Pretrained) -> None:
-        self.p, self.pre = p, pre
+    def __init__(self, p: Params) -> None:
+        self.p = p
+        self.pre = pre = load_pretrained(Path(p.paths.models) / "pretrain", Path(p.data.shards))
         self.section = getattr(p, self.stage)
         self.rt = resolve_runtime(p.runtime)
         seed_everything(p.runtime.seed)

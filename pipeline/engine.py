@@ -11,7 +11,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,14 @@ class Checkpoints:
 
 
 # ------------------------------------------------------------------ the epoch loop
+@dataclass
+class History:
+    """What a stage plots and resumes: per logged step and per epoch."""
+
+    steps: list[dict] = field(default_factory=list)  # step, epoch, loss, lr
+    epochs: list[dict] = field(default_factory=list)  # epoch, loss, img_per_s, seconds, ...
+
+
 @dataclass
 class EpochLoop:
     """One optimisation loop shared by the training stages.

@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from mae import build_classifier
 from mae.optim import absolute_lr, build_adamw, finetune_param_groups, lr_at
 from pipeline import tracking
-from pipeline.classify import classifier_config, evaluate, load_pretrained
+from pipeline.classify import classifier_config, evaluate
 from pipeline.downstream import Downstream, run_downstream
 from pipeline.engine import EpochLoop
 from pipeline.errors import UserError
@@ -31,9 +31,8 @@ class Finetuner(Downstream):
 
     def __init__(self, p: Params) -> None:
         fp = self.fp = p.finetune
-        shards = Path(p.data.shards)
-        pre = load_pretrained(Path(p.paths.models) / "pretrain", shards)
-        super().__init__(p, pre)
+        super().__init__(p)
+        shards, pre = Path(p.data.shards), self.pre
         self.model = build_classifier(
             pre.cfg, self.num_classes, pre.state, drop_path_rate=fp.drop_path
         ).to(self.rt.device)

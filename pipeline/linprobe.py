@@ -13,7 +13,7 @@ import torch
 from mae import build_linear_probe
 from mae.optim import absolute_lr, build_lars, lr_at
 from pipeline import tracking
-from pipeline.classify import classifier_config, load_pretrained
+from pipeline.classify import classifier_config
 from pipeline.downstream import Downstream, run_downstream
 from pipeline.engine import EpochLoop
 from pipeline.errors import UserError
@@ -30,9 +30,8 @@ class LinearProber(Downstream):
 
     def __init__(self, p: Params) -> None:
         lp = self.lp = p.linprobe
-        shards = Path(p.data.shards)
-        pre = load_pretrained(Path(p.paths.models) / "pretrain", shards)
-        super().__init__(p, pre)
+        super().__init__(p)
+        shards, pre = Path(p.data.shards), self.pre
         self.model = build_linear_probe(
             pre.cfg, self.num_classes, pre.state, global_pool=POOL[lp.pool]
         ).to(self.rt.device)

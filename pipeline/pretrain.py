@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,19 +18,20 @@ from mae import MaskedAutoencoderViT, keep_count, mae_config
 from mae.optim import absolute_lr, build_adamw, lr_at, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
 from pipeline import reports, tracking
-from pipeline.engine import Checkpoints, EpochLoop, params_key, resolve_runtime, seed_everything
+from pipeline.engine import (
+    Checkpoints,
+    EpochLoop,
+    History,
+    params_key,
+    resolve_runtime,
+    seed_everything,
+)
 from pipeline.errors import UserError
 from pipeline.loader import build_loader, manifest_digest
 from pipeline.params import Params, flatten
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
-
-
-@dataclass
-class History:
-    steps: list[dict] = field(default_factory=list)  # step, epoch, loss, lr
-    epochs: list[dict] = field(default_factory=list)  # epoch, loss, img_per_s, seconds
 
 
 def build_model(p: Params, manifest: dict) -> MaskedAutoencoderViT:
