@@ -238,7 +238,9 @@ class ShardStream(IterableDataset):
         samples = _read(self.paths, plan[worker])
         if self.train:
             rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-            torch.manual_seed(rng.randrange(2**62))  # augmentation randomness, per worker
+            seed = rng.randrange(2**62)
+            if info is not None:  # a worker process: seed its per-image augmentation
+                torch.manual_seed(seed)  # (in-process, the training RNG is left alone)
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         batch: list[dict] = []
         for sample in samples:
