@@ -38,11 +38,16 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file to 
 @app.command()
 def shard(params: Path = PARAMS) -> None:
     """Raw source (data.source) -> WebDataset shards + manifest.json (data.shards)."""
+    from pipeline.loader import manifest_digest
     from pipeline.params import load_params
     from pipeline.shard import run_shard
+    from pipeline.tracking import connect, log_shard_run
 
     p = load_params(params)
+    connect(p.tracking)  # an unreachable store fails now, before the work
     manifest = run_shard(p.data)
+    shards = Path(p.data.shards)
+    log_shard_run(p, manifest, shards / "manifest.json", manifest_digest(shards))
     counts = ", ".join(
         f"{s} {v['count']:,} ({len(v['shards'])} shards)" for s, v in manifest["splits"].items()
     )

@@ -67,7 +67,8 @@ def _evaluate_one(p: Params, run) -> dict:
     classes = config["classes"]
     metrics = {"test/top1": result["top1"], "test/top5": result["top5"]}
     metrics |= {
-        f"test/acc/{_metric_name(c)}": a for c, a in zip(classes, result["per_class"], strict=True)
+        f"test/acc/{tracking.metric_name(c)}": a
+        for c, a in zip(classes, result["per_class"], strict=True)
     }
     tracking.log_to_run(run_id, metrics)
     png = reports.confusion_png(result["confusion"], classes, f"{stage} {run_id[:8]}")
@@ -85,10 +86,6 @@ def _evaluate_one(p: Params, run) -> dict:
         **result,
         "per_class": dict(zip(classes, result["per_class"], strict=True)),
     }
-
-
-def _metric_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
 
 
 def evaluate_stage(p: Params) -> list[dict]:

@@ -229,3 +229,34 @@ def stage_runs(experiment: str, stage: str) -> list:
         output_format="list",
         filter_string=f"tags.stage = '{stage}'",
     )
+
+
+def log_shard_run(p, manifest: dict, manifest_path: Path, digest: str) -> str:
+    """The shard stage's run: source, counts per split and class, manifest.json."""
+    from pipeline.params import flatten
+
+    experiment_id = connect(p.tracking)
+    tags = {
+        "stage": "shard",
+        "git.commit": git_commit(project_root()),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+        "data.manifest_digest": digest,
+    }
+    with start_run(experiment_id, run_name=f"shard {p.data.source}", tags=tags) as run:
+        run.log_params({f"data.{k}": v for k, v in flatten(p.data).items()})
+        counts = {}
+        for split, entry in manifest["splits"].items():
+            counts[f"data/{split}/count"] = entry["count"]
+            counts[f"data/{split}/shards"] = len(entry["shards"])
+            for name, n in entry["per_class"].items():
+                counts[f"data/{split}/class/{metric_name(name)}"] = n
+        counts["data/skipped"] = len(manifest["skipped"])
+        run.log_metrics(counts)
+        run.log_file(manifest_path)
+        run.log_dataset(manifest_path, digest, f"{p.data.source}", "source")
+        return run.id
+
+
+def metric_name(name: str) -> str:
+    """MLflow metric keys allow letters, digits, '_', '-', '.', ' ' and '/'."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)

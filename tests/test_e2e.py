@@ -39,7 +39,8 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
         r.data.tags["stage"]: r
         for r in mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     }
-    assert set(runs) == {"pretrain", "finetune", "linprobe"}
+    assert set(runs) == {"shard", "pretrain", "finetune", "linprobe"}
+    assert runs["shard"].data.metrics["data/train/count"] == 180  # 200 less 10 % for val
     pretrain = runs["pretrain"]
     for stage in ("finetune", "linprobe"):
         child = runs[stage]
