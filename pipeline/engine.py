@@ -4,6 +4,7 @@ checkpoints as safetensors + JSON (never pickles), written atomically."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mae.optim import set_lr
+from mae.optim import lr_at, set_lr
 from pipeline.errors import UserError
 from pipeline.params import RuntimeParams
 
@@ -188,6 +189,17 @@ class Checkpoints:
 
 
 # ------------------------------------------------------------------ the epoch loop
+def schedule(section: Any, lr: float):
+    """A stage section's warm-up + cosine schedule: fractional epoch -> lr."""
+    return functools.partial(
+        lr_at,
+        lr=lr,
+        epochs=section.epochs,
+        warmup_epochs=section.warmup_epochs,
+        min_lr=section.min_lr,
+    )
+
+
 @dataclass
 class History:
     """What a stage plots and resumes: per logged step and per epoch."""

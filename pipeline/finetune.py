@@ -12,11 +12,11 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mae import build_classifier
-from mae.optim import absolute_lr, build_adamw, finetune_param_groups, lr_at
+from mae.optim import absolute_lr, build_adamw, finetune_param_groups
 from pipeline import tracking
 from pipeline.classify import classifier_config, evaluate
 from pipeline.downstream import Downstream, run_downstream
-from pipeline.engine import EpochLoop
+from pipeline.engine import EpochLoop, schedule
 from pipeline.errors import UserError
 from pipeline.loader import Augment, build_loader
 from pipeline.params import Params
@@ -74,7 +74,7 @@ class Finetuner(Downstream):
             self.criterion = torch.nn.CrossEntropyLoss()
         self.loop = EpochLoop(
             self.optimizer,
-            self._lr_at,
+            schedule(self.fp, self.lr),
             steps,
             fp.accum_iter,
             fp.clip_grad,
@@ -82,12 +82,6 @@ class Finetuner(Downstream):
             hint=self.hint,
         )
         self.config = classifier_config(STAGE, pre.cfg, self.manifest, pre.manifest_digest, "avg")
-
-    def _lr_at(self, epoch: float) -> float:
-        fp = self.fp
-        return lr_at(
-            epoch, lr=self.lr, epochs=fp.epochs, warmup_epochs=fp.warmup_epochs, min_lr=fp.min_lr
-        )
 
     def derived_params(self) -> dict:
         return {"finetune.lr": self.lr, "finetune.effective_batch": self.effective_batch}

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from mae import build_linear_probe
-from mae.optim import absolute_lr, build_lars, lr_at
+from mae.optim import absolute_lr, build_lars
 from pipeline import tracking
 from pipeline.classify import classifier_config
 from pipeline.downstream import Downstream, run_downstream
-from pipeline.engine import EpochLoop
+from pipeline.engine import EpochLoop, schedule
 from pipeline.errors import UserError
 from pipeline.loader import Augment, build_loader
 from pipeline.params import Params
@@ -63,16 +63,16 @@ class LinearProber(Downstream):
                 head, lr=self.lr, momentum=0.9, weight_decay=lp.weight_decay
             )
         self.loop = EpochLoop(
-            self.optimizer, self._lr_at, steps, 1, None, lp.log_every, hint="Lower linprobe.blr."
+            self.optimizer,
+            schedule(self.lp, self.lr),
+            steps,
+            1,
+            None,
+            lp.log_every,
+            hint="Lower linprobe.blr.",
         )
         self.config = classifier_config(
             STAGE, pre.cfg, self.manifest, pre.manifest_digest, POOL[lp.pool]
-        )
-
-    def _lr_at(self, epoch: float) -> float:
-        lp = self.lp
-        return lr_at(
-            epoch, lr=self.lr, epochs=lp.epochs, warmup_epochs=lp.warmup_epochs, min_lr=lp.min_lr
         )
 
     def derived_params(self) -> dict:

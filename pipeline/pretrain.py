@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from mae import MaskedAutoencoderViT, keep_count, mae_config
-from mae.optim import absolute_lr, build_adamw, lr_at, pretrain_param_groups
+from mae.optim import absolute_lr, build_adamw, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
 from pipeline import reports, tracking
 from pipeline.engine import (
@@ -24,6 +24,7 @@ from pipeline.engine import (
     History,
     params_key,
     resolve_runtime,
+    schedule,
     seed_everything,
 )
 from pipeline.errors import UserError
@@ -123,7 +124,7 @@ class Pretrainer:
         self.history = History()
         self.loop = EpochLoop(
             self.optimizer,
-            self.lr_at,
+            schedule(self.pp, self.lr),
             self.steps_per_epoch,
             self.pp.accum_iter,
             self.pp.clip_grad,
@@ -155,12 +156,6 @@ class Pretrainer:
             "pretrain.effective_batch": self.effective_batch,
             "pretrain.patches_kept": keep_count(cfg.num_patches, self.pp.mask_ratio),
         }
-
-    def lr_at(self, epoch: float) -> float:
-        pp = self.pp
-        return lr_at(
-            epoch, lr=self.lr, epochs=pp.epochs, warmup_epochs=pp.warmup_epochs, min_lr=pp.min_lr
-        )
 
     def train_epoch(self, epoch: int, run) -> None:
         self.net.train()
