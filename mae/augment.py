@@ -28,24 +28,42 @@ class RandomResizedCropFlip(nn.Module):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.scale, self.ratio, self.hflip, self.mode = scale, ratio, hflip, mode
 
-    def boxes(self, n: int, height: int, width: int, generator: torch.Generator | None = None):
-        """-> (N, 4) crops as (x0, y0, w, h) in pixels, and (N,) flip flags."""
-        u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    def boxes(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """-> (N, 4) crops as (x0, y0, w, h) in pixels, and (N,) flip flags.
+
+        Under data parallelism every rank draws for the global batch of `world_size` x N
+        images and keeps its own rows, so the crops do not depend on how many ranks share it.
+        """
+        rows = slice(rank * n, (rank + 1) * n)
+        u = torch.rand(n * world_size, 4, generator=generator, dtype=torch.float64)[rows]
         area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0])
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
         w = torch.sqrt(area * aspect).clamp(1, width)
         h = torch.sqrt(area / aspect).clamp(1, height)
         x0, y0 = (width - w) * u[:, 2], (height - h) * u[:, 3]
-        flip = (
-            torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=bool)
-        )
+        flip = torch.rand(n * world_size, generator=generator)[rows] < 0.5
+        flip = flip if self.hflip else torch.zeros(n, dtype=bool)
         return torch.stack([x0, y0, w, h], 1), flip
 
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """imgs: (N, C, H, W) float -> (N, C, *size)."""
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> torch.Tensor:
+        """imgs: (N, C, H, W) float -> (N, C, *size); this rank's share of a global batch."""
         n, _, height, width = imgs.shape
-        box, flip = self.boxes(n, height, width, generator)
+        box, flip = self.boxes(n, height, width, generator, rank, world_size)
         x0, y0, w, h = box.unbind(1)
         # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
         theta = torch.zeros(n, 2, 3, dtype=torch.float64)

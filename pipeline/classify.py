@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mae import MAEConfig, build_classifier, build_linear_probe
+from pipeline.distributed import Dist
 from pipeline.errors import UserError
 from pipeline.loader import manifest_digest
 
@@ -89,9 +90,16 @@ def load_classifier(folder: Path) -> tuple[torch.nn.Module, dict]:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader, device: torch.device, num_classes: int, autocast=None
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    num_classes: int,
+    autocast=None,
+    dist: Dist = Dist(),
 ) -> dict:
-    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class)."""
+    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
+
+    Under several ranks each evaluates its share of the split; the counts are summed."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = 0
@@ -104,6 +112,8 @@ def evaluate(
         confusion += torch.bincount(
             labels * num_classes + logits.argmax(1), minlength=num_classes**2
         ).view(num_classes, num_classes)
+    counts = dist.sum(torch.cat([confusion.flatten(), torch.tensor([top5])]))
+    confusion, top5 = counts[:-1].view(num_classes, num_classes), int(counts[-1])
     total = int(confusion.sum())
     if total == 0:
         raise UserError("the evaluation split is empty")

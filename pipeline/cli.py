@@ -7,6 +7,7 @@ stays instant.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,32 +55,52 @@ def shard(params: Path = PARAMS) -> None:
     typer.echo(f"wrote {p.data.shards}: {counts}; {len(manifest['skipped'])} skipped")
 
 
+def _train(stage: str, params: Path) -> None:
+    """Run a training stage: here, or as `runtime.nproc` ranks when that is above 1 and
+    this process is not already one rank of a torchrun launch."""
+    from pipeline import distributed
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    nproc = distributed.resolve_nproc(p.runtime.nproc, p.runtime.device)
+    if nproc > 1 and not distributed.launched():
+        from pipeline.tracking import connect
+
+        connect(p.tracking)  # an unreachable store fails once, here, not on every rank
+        code = distributed.launch(nproc, [stage, "--params", str(params)])
+        if code:
+            raise typer.Exit(code)
+        return
+    if stage == "pretrain":
+        from pipeline.pretrain import run_pretrain as run
+    elif stage == "finetune":
+        from pipeline.finetune import run_finetune as run
+    else:
+        from pipeline.linprobe import run_linprobe as run
+    try:
+        run_id = run(p)
+    finally:
+        distributed.shutdown()
+    if run_id:  # rank 0
+        typer.echo(f"{stage} done: MLflow run {run_id}")
+
+
 @app.command()
 def pretrain(params: Path = PARAMS) -> None:
     """MAE pretraining on the train shards -> models/pretrain/, metrics, MLflow run."""
-    from pipeline.params import load_params
-    from pipeline.pretrain import run_pretrain
-
-    run_id = run_pretrain(load_params(params))
-    typer.echo(f"pretrain done: MLflow run {run_id}")
+    _train("pretrain", params)
 
 
 @app.command()
 def finetune(params: Path = PARAMS) -> None:
     """Fine-tune the pretrained encoder as a classifier -> models/finetune/, MLflow child run."""
-    from pipeline.finetune import run_finetune
-    from pipeline.params import load_params
-
-    typer.echo(f"finetune done: MLflow run {run_finetune(load_params(params))}")
+    _train("finetune", params)
 
 
 @app.command()
 def linprobe(params: Path = PARAMS) -> None:
     """Linear probe on the frozen encoder -> models/linprobe/, MLflow child run."""
-    from pipeline.linprobe import run_linprobe
-    from pipeline.params import load_params
-
-    typer.echo(f"linprobe done: MLflow run {run_linprobe(load_params(params))}")
+    _train("linprobe", params)
 
 
 @app.command()
@@ -226,5 +247,11 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        typer.echo(f"mae-cli: error: {err}", err=True)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        where = "" if rank == "0" else f" (rank {rank})"
+        typer.echo(f"mae-cli: error{where}: {err}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli`: what torchrun and the launcher run
+    main()

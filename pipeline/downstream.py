@@ -67,23 +67,27 @@ class Downstream:
 
 def run_downstream(t: Downstream) -> str:
     """Train `t` with validation, keep the best epoch, write outputs; -> the run id."""
-    p, stage = t.p, t.stage
-    experiment_id = tracking.connect(p.tracking)
-    parent = tracking.get_run(t.pre.run_id)
-    inherited = {
-        k: v
-        for k, v in parent.data.params.items()
-        if k.startswith(("pretrain.", "model.", "data."))
-    }
-    key = params_key(flatten(t.section), flatten(p.runtime), t.pre.run_id, t.pre.manifest_digest)
+    p, stage, d = t.p, t.stage, t.rt.dist
+    experiment_id, inherited = None, {}
+    if d.main:  # rank 0 alone talks to MLflow
+        experiment_id = tracking.connect(p.tracking)
+        parent = tracking.get_run(t.pre.run_id)
+        inherited = {
+            k: v
+            for k, v in parent.data.params.items()
+            if k.startswith(("pretrain.", "model.", "data."))
+        }
+    key = params_key(
+        flatten(t.section), flatten(p.runtime), t.pre.run_id, t.pre.manifest_digest, d.world_size
+    )
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{stage}-{key}")
     start, run_id, best = 0, None, {"top1": -1.0, "epoch": 0, "state": None}
-    if (latest := checkpoints.latest()) is not None:
+    if (latest := checkpoints.latest(d)) is not None:
         meta = checkpoints.load(latest, t.model, t.optimizer, t.generator)
         t.history = History(meta["history"]["steps"], meta["history"]["epochs"])
         best = {"top1": meta["best_top1"], "epoch": meta["best_epoch"], "state": meta["tensors"]}
         start, run_id = meta["epoch"] + 1, meta["run_id"]
-        run_id = run_id if tracking.run_exists(run_id) else None
+        run_id = run_id if d.main and tracking.run_exists(run_id) else None
         log.info("resuming from %s (epoch %d of %d)", latest, start + 1, t.section.epochs)
     tags = {
         "stage": stage,
@@ -93,7 +97,12 @@ def run_downstream(t: Downstream) -> str:
     }
     name = f"{stage} mask={inherited.get('pretrain.mask_ratio', '?')}"
     with tracking.start_run(
-        experiment_id, run_name=name, run_id=run_id, parent_id=t.pre.run_id, tags=tags
+        experiment_id,
+        run_name=name,
+        run_id=run_id,
+        parent_id=t.pre.run_id,
+        tags=tags,
+        enabled=d.main,
     ) as run:
         if run_id is None:
             own = {f"{stage}.{k}": v for k, v in flatten(t.section).items()}
@@ -140,6 +149,8 @@ def run_downstream(t: Downstream) -> str:
             if summary["val_top1"] > best["top1"]:  # chosen on validation, never on test
                 state = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
                 best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
+            if not d.main:
+                continue
             checkpoints.save(
                 epoch,
                 t.model,
@@ -153,8 +164,9 @@ def run_downstream(t: Downstream) -> str:
                 },
                 extra_tensors=best["state"],
             )
-        _write_outputs(t, run, best)
-    checkpoints.clear()
+        if d.main:
+            _write_outputs(t, run, best)
+            checkpoints.clear()
     return run.id
 
 

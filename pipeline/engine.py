@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mae.optim import lr_at, set_lr
+from pipeline import distributed
+from pipeline.distributed import Dist
 from pipeline.errors import UserError
 from pipeline.params import RuntimeParams
 
@@ -35,6 +37,9 @@ class Diverged(UserError):
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # None: full fp32
+    dist: Dist = field(
+        default_factory=Dist
+    )  # this process's rank in a torchrun launch (one process: rank 0 of 1)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -43,15 +48,34 @@ class Runtime:
 
 
 def resolve_runtime(p: RuntimeParams) -> Runtime:
+    """The device and precision of this process; under torchrun, joins the process group
+    (each rank on the GPU of its LOCAL_RANK)."""
     cuda = torch.cuda.is_available()
     if p.device == "cuda" and not cuda:
         raise UserError("runtime.device is cuda but no CUDA device is available")
-    device = torch.device("cuda" if p.device == "cuda" or (p.device == "auto" and cuda) else "cpu")
+    kind = "cuda" if p.device == "cuda" or (p.device == "auto" and cuda) else "cpu"
+    d = distributed.init(kind)
+    device = torch.device(kind, d.local_rank) if kind == "cuda" else torch.device("cpu")
     if p.precision == "bf16" and device.type == "cpu":
         log.warning("runtime.precision bf16 on the CPU is slow; use fp32 or auto there")
     bf16 = p.precision == "bf16" or (p.precision == "auto" and device.type == "cuda")
     # fp16 is not offered: it gives NaN losses in MAE pretraining; bf16 needs no scaler.
-    return Runtime(device, torch.bfloat16 if bf16 else None)
+    return Runtime(device, torch.bfloat16 if bf16 else None, d)
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, compile: bool):
+    """-> (the module the training step calls, the DDP wrapper or None).
+
+    Under several ranks the model goes into DistributedDataParallel (gradients averaged
+    over ranks in backward); `compile` then compiles the wrapper, as PyTorch recommends.
+    """
+    net, ddp = model, None
+    if rt.dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = ddp = DistributedDataParallel(model, device_ids=ids)
+    return (torch.compile(net) if compile else net), ddp
 
 
 def seed_everything(seed: int) -> None:
@@ -121,9 +145,19 @@ class Checkpoints:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def latest(self) -> Path | None:
+    def latest(self, d: Dist = Dist()) -> Path | None:
+        """The newest complete checkpoint, as rank 0 sees it (every rank loads that one)."""
         done = sorted(p for p in self.folder.glob("epoch-*") if not p.name.endswith(".tmp"))
-        return done[-1] if done else None
+        name = d.broadcast(done[-1].name if done else None)
+        if name is None:
+            return None
+        path = self.folder / name
+        if not path.is_dir():
+            raise UserError(
+                f"rank {d.rank} cannot see checkpoint {path}: paths.checkpoints must be on "
+                "a filesystem every node shares"
+            )
+        return path
 
     def save(
         self,
@@ -213,9 +247,11 @@ class EpochLoop:
     """One optimisation loop shared by the training stages.
 
     `forward(batch) -> loss` computes a micro-batch's loss; the loop sets the lr every
-    optimizer step from `lr_fn(fractional epoch)`, accumulates `accum_iter` micro-batches,
-    clips, steps, logs `train/loss` and `train/lr` every `log_every` steps, and stops on a
-    non-finite loss with the step, epoch and lr.
+    optimizer step from `lr_fn(fractional epoch)`, accumulates `accum_iter` micro-batches
+    (without a DDP gradient sync but on the last), clips, steps, and logs `train/loss` (the
+    mean over ranks) and `train/lr` every `log_every` steps. Losses stay on the device
+    between log points, so a GPU never waits for the host; a non-finite loss stops the run
+    at the next log point or the end of the epoch, before any checkpoint of it is written.
     """
 
     optimizer: torch.optim.Optimizer
@@ -225,30 +261,32 @@ class EpochLoop:
     clip_grad: float | None = None
     log_every: int = 10
     hint: str = ""  # appended to the divergence message: what to change
+    dist: Dist = field(default_factory=Dist)
+    ddp: Any = None  # the DistributedDataParallel module, for `no_sync` while accumulating
 
     def run(self, epoch: int, batches, forward, run, history: list[dict]) -> dict:
         micro_steps = self.steps_per_epoch * self.accum_iter
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        losses, images, start = [], 0, time.perf_counter()
+        total, count, images, start = 0.0, 0, 0, time.perf_counter()
         step, lr = epoch * self.steps_per_epoch, self.lr_fn(epoch)
+        first_bad = None  # the first micro-step with a non-finite loss, kept on the device
         for it, batch in enumerate(batches):
             if it >= micro_steps:
                 break  # a partial accumulation at the end of an epoch is not applied
             if it % self.accum_iter == 0:
                 lr = self.lr_fn(epoch + it / micro_steps)
                 set_lr(optimizer, lr)
-            loss = forward(batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise Diverged(
-                    f"loss is {value} at step {step} (epoch {epoch + 1}, lr {lr:.3g});"
-                    f" the last good checkpoint is kept. {self.hint}".rstrip()
-                )
-            (loss / self.accum_iter).backward()
-            losses.append(value)
+            last = (it + 1) % self.accum_iter == 0
+            with self._sync(last):
+                loss = forward(batch)
+                (loss / self.accum_iter).backward()
+            loss = loss.detach().float()
+            total, count = total + loss, count + 1
+            bad = torch.where(torch.isfinite(loss), -1, it)
+            first_bad = bad if first_bad is None else torch.where(first_bad < 0, bad, first_bad)
             images += len(batch["label"])
-            if (it + 1) % self.accum_iter == 0:
+            if last:
                 if self.clip_grad is not None:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
@@ -256,14 +294,44 @@ class EpochLoop:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % self.log_every == 0:
+                    value = self._mean(loss)
+                    self._check(value, epoch, first_bad)
                     history.append(
                         {"step": step, "epoch": epoch + it / micro_steps, "loss": value, "lr": lr}
                     )
                     run.log_metrics({"train/loss": value, "train/lr": lr}, step=step)
+        mean = self._mean(torch.as_tensor(total) / max(count, 1))
+        self._check(mean, epoch, first_bad)
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch + 1,
-            "loss": sum(losses) / max(len(losses), 1),
-            "img_per_s": images / seconds,
+            "loss": mean,
+            "img_per_s": images * self.dist.world_size / seconds,
             "seconds": seconds,
         }
+
+    def _sync(self, last: bool):
+        if last or self.ddp is None:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _mean(self, loss: torch.Tensor) -> float:
+        """The mean over ranks (every rank calls this at the same step)."""
+        loss = loss.detach().float().clone()
+        return self.dist.sum(loss).item() / self.dist.world_size
+
+    def _check(self, value: float, epoch: int, first_bad: torch.Tensor | None) -> None:
+        """Stop on a non-finite mean loss, naming the first bad step (on any rank)."""
+        if math.isfinite(value):
+            return
+        it = int(first_bad.item()) if first_bad is not None else -1
+        if it < 0:  # another rank's loss went bad; this rank's stayed finite
+            where = f"in epoch {epoch + 1}"
+        else:
+            micro_steps = self.steps_per_epoch * self.accum_iter
+            lr = self.lr_fn(epoch + (it - it % self.accum_iter) / micro_steps)
+            step = epoch * self.steps_per_epoch + it // self.accum_iter
+            where = f"at step {step} (epoch {epoch + 1}, lr {lr:.3g})"
+        raise Diverged(
+            f"loss is {value} {where}; the last good checkpoint is kept. {self.hint}".rstrip()
+        )

@@ -16,7 +16,7 @@ from mae.optim import absolute_lr, build_adamw, finetune_param_groups
 from pipeline import tracking
 from pipeline.classify import classifier_config, evaluate
 from pipeline.downstream import Downstream, run_downstream
-from pipeline.engine import EpochLoop, schedule
+from pipeline.engine import EpochLoop, schedule, wrap
 from pipeline.errors import UserError
 from pipeline.loader import Augment, build_loader
 from pipeline.params import Params
@@ -36,7 +36,7 @@ class Finetuner(Downstream):
         self.model = build_classifier(
             pre.cfg, self.num_classes, pre.state, drop_path_rate=fp.drop_path
         ).to(self.rt.device)
-        self.net = torch.compile(self.model) if p.runtime.compile else self.model
+        self.net, ddp = wrap(self.model, self.rt, p.runtime.compile)
         aug = Augment(scale_min=fp.scale_min, randaugment=fp.randaugment, reprob=fp.reprob)
         self.loader = build_loader(
             shards,
@@ -80,6 +80,8 @@ class Finetuner(Downstream):
             fp.clip_grad,
             fp.log_every,
             hint=self.hint,
+            dist=self.rt.dist,
+            ddp=ddp,
         )
         self.config = classifier_config(STAGE, pre.cfg, self.manifest, pre.manifest_digest, "avg")
 
@@ -95,7 +97,8 @@ class Finetuner(Downstream):
         imgs = batch["image"].to(self.rt.device, non_blocking=True)
         labels = batch["label"].to(self.rt.device, non_blocking=True)
         if self.loader.device_augment is not None:
-            imgs = self.loader.device_augment(imgs, generator=self.generator)
+            d = self.rt.dist
+            imgs = self.loader.device_augment(imgs, self.generator, d.rank, d.world_size)
         if self.mixup is not None:
             imgs, labels = self.mixup(imgs, labels)
         with self.rt.autocast():
@@ -103,7 +106,12 @@ class Finetuner(Downstream):
 
     def validate(self) -> float:
         return evaluate(
-            self.model, self.val_loader, self.rt.device, self.num_classes, self.rt.autocast
+            self.model,
+            self.val_loader,
+            self.rt.device,
+            self.num_classes,
+            self.rt.autocast,
+            self.rt.dist,
         )["top1"]
 
 

@@ -15,7 +15,7 @@ from mae.optim import absolute_lr, build_lars
 from pipeline import tracking
 from pipeline.classify import classifier_config
 from pipeline.downstream import Downstream, run_downstream
-from pipeline.engine import EpochLoop, schedule
+from pipeline.engine import EpochLoop, schedule, wrap
 from pipeline.errors import UserError
 from pipeline.loader import Augment, build_loader
 from pipeline.params import Params
@@ -51,10 +51,17 @@ class LinearProber(Downstream):
         self.model.eval()  # the encoder never trains; the head switches modes itself
         self.train_cache = None if lp.augment else self._features(self.loader)
         self.val_cache = self._features(self.val_loader)
-        steps = len(self.loader) if lp.augment else len(self.train_cache[1]) // lp.batch_size
+        world = self.rt.dist.world_size
+        self.global_batch = lp.batch_size * world
+        steps = len(self.loader) if lp.augment else len(self.train_cache[1]) // self.global_batch
         if steps < 1:
-            raise UserError(f"linprobe.batch_size {lp.batch_size} is larger than the train split")
-        self.lr = absolute_lr(lp.blr, lp.batch_size * self.loader.dataset.world_size)
+            raise UserError(
+                f"linprobe.batch_size {lp.batch_size} x {world} rank(s) is larger than the "
+                "train split"
+            )
+        self.lr = absolute_lr(lp.blr, self.global_batch)
+        # DDP over the head alone: the frozen encoder has no gradients to average
+        self.head, ddp = wrap(self.model.head, self.rt, compile=False)
         if lp.optimizer == "lars":
             self.optimizer = build_lars(self.model, self.lr, lp.weight_decay)
         else:
@@ -70,6 +77,8 @@ class LinearProber(Downstream):
             None,
             lp.log_every,
             hint="Lower linprobe.blr.",
+            dist=self.rt.dist,
+            ddp=ddp,
         )
         self.config = classifier_config(
             STAGE, pre.cfg, self.manifest, pre.manifest_digest, POOL[lp.pool]
@@ -86,26 +95,31 @@ class LinearProber(Downstream):
             return m.forward_head(m.forward_features(imgs), pre_logits=True).float()
 
     def _features(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's features and labels in order: each rank encodes its share, and every
+        rank gets them all."""
         feats, labels = [], []
         for batch in loader:
             feats.append(self._encode(batch["image"].to(self.rt.device)).cpu())
             labels.append(batch["label"])
-        return torch.cat(feats), torch.cat(labels)
+        shares = self.rt.dist.gather((torch.cat(feats), torch.cat(labels)))
+        return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
 
     def _cached_batches(self, epoch: int):
+        """Full global batches in an order drawn on every rank alike; this rank's rows."""
         feats, labels = self.train_cache
         order = torch.randperm(len(labels), generator=self.generator)
-        bs = self.lp.batch_size
-        for i in range(0, len(order) - bs + 1, bs):  # full batches, as the loader gives
-            idx = order[i : i + bs]
+        g, rows = self.global_batch, self.rt.dist.share(self.lp.batch_size)
+        for i in range(0, len(order) - g + 1, g):
+            idx = order[i : i + g][rows]
             yield {"feature": feats[idx], "label": labels[idx]}
 
     def _augmented_batches(self, epoch: int):
         self.loader.set_epoch(epoch)
+        d = self.rt.dist
         for batch in self.loader:
             imgs = batch["image"].to(self.rt.device, non_blocking=True)
             if self.loader.device_augment is not None:
-                imgs = self.loader.device_augment(imgs, generator=self.generator)
+                imgs = self.loader.device_augment(imgs, self.generator, d.rank, d.world_size)
             yield {"feature": self._encode(imgs), "label": batch["label"]}
 
     def train_epoch(self, epoch: int, run) -> dict:
@@ -116,7 +130,7 @@ class LinearProber(Downstream):
         return self.loop.run(epoch, batches, self._loss, run, self.history.steps)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        logits = self.model.head(batch["feature"].to(self.rt.device))
+        logits = self.head(batch["feature"].to(self.rt.device))
         return torch.nn.functional.cross_entropy(logits, batch["label"].to(self.rt.device))
 
     def validate(self) -> float:

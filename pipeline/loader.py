@@ -1,18 +1,23 @@
-"""Loaders over the WebDataset shards that see every sample once, on any number of ranks
-and workers.
+"""Loaders over the WebDataset shards that see every sample once, in the same order on
+any number of ranks and workers.
 
 WebDataset's defaults split shards by rank and worker before shuffling; uneven shards then
-give ranks different batch counts (a DDP hang) and non-persistent workers repeat one order.
-Here the manifest's per-shard counts let every (rank, worker) read an exact range of one
-global, epoch-shuffled sequence of samples:
+give ranks different batch counts (a DDP hang), non-persistent workers repeat one order,
+and the data a step sees depends on how many ranks and workers there are. Here the
+manifest's per-shard counts and each shard's tar headers (read once, no data) give every
+sample an address, and one pure function orders an epoch:
 
-- training: shard order reshuffled each epoch from (seed, epoch), the same on every rank;
-  each rank gets the same number of full batches; at most world_size x batch_size samples
-  are dropped per epoch, the rest are used once;
-- evaluation: shards in order, every sample exactly once across ranks and workers.
+- training: the shards in an order drawn from (seed, epoch), then the samples shuffled
+  within windows of `shuffle_window` consecutive samples (locality for the disk); the
+  sequence is cut into global batches of world_size x batch_size samples and rank r takes
+  the r-th slice of each. Every rank gets the same number of full batches; at most
+  world_size x batch_size - 1 samples are left out per epoch, the rest are used once.
+  One rank with a batch of 2B sees exactly the samples two ranks with B see together.
+- evaluation: in shard order, a contiguous range per rank, every sample exactly once.
 
-Within a worker, samples pass through a seeded shuffle buffer (training), are decoded,
-transformed, normalised with the manifest's mean/std, and batched.
+Worker w of a rank reads that rank's batches w, w + W, ... which the DataLoader returns in
+round-robin order: the sequence of batches does not depend on the number of workers.
+Images are decoded, transformed, normalised with the manifest's mean/std, and batched.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +41,8 @@ from torchvision.transforms import InterpolationMode, v2
 from pipeline.errors import UserError
 
 Purpose = Literal["pretrain", "finetune", "eval"]
-Segment = tuple[int, int, int]  # (shard index, samples to skip, samples to take)
 IMAGE_EXTS = ("pgm", "png", "jpg")
+SHUFFLE_WINDOW = 20_000  # samples shuffled together; more than Fashion-MNIST's train split
 
 
 def manifest_digest(shards: Path | str) -> str:
@@ -63,68 +69,145 @@ def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(parts)]
 
 
-def _segments(counts: list[int], order: list[int], start: int, end: int) -> list[Segment]:
-    """The samples [start, end) of the shards concatenated in `order`, as per-shard pieces."""
-    out, offset = [], 0
-    for shard in order:
-        lo, hi = max(start, offset), min(end, offset + counts[shard])
-        if lo < hi:
-            out.append((shard, lo - offset, hi - lo))
-        offset += counts[shard]
-    return out
+def epoch_order(
+    counts: list[int], *, epoch: int, seed: int, train: bool, window: int = SHUFFLE_WINDOW
+) -> np.ndarray:
+    """Sample ids (positions in the shards concatenated in manifest order) in epoch order."""
+    if not train:
+        return np.arange(sum(counts))
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.cumsum([0, *counts])
+    order = [np.arange(starts[s], starts[s + 1]) for s in rng.permutation(len(counts))]
+    seq = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+    for lo in range(0, len(seq), window):
+        seq[lo : lo + window] = rng.permutation(seq[lo : lo + window])
+    return seq
 
 
-def plan_epoch(
+def rank_batches(
     counts: list[int],
     *,
     epoch: int,
     seed: int,
     rank: int,
     world_size: int,
-    num_workers: int,
     batch_size: int,
     train: bool,
-) -> list[list[Segment]]:
-    """For each worker of `rank`: the shard pieces it reads this epoch, in order."""
+    window: int = SHUFFLE_WINDOW,
+) -> list[np.ndarray]:
+    """The sample ids of each of `rank`'s batches this epoch, in order."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    workers = max(num_workers, 1)
-    total = sum(counts)
+    order = epoch_order(counts, epoch=epoch, seed=seed, train=train, window=window)
     if train:
-        order = list(np.random.default_rng([seed, epoch]).permutation(len(counts)))
-        batches = total // (world_size * batch_size)  # the same count on every rank
-        rank_start = rank * batches * batch_size
-        worker_ranges = [
-            (rank_start + a * batch_size, rank_start + b * batch_size)
-            for a, b in _ranges(batches, workers)
-        ]
-    else:
-        order = list(range(len(counts)))
-        lo, hi = _ranges(total, world_size)[rank]
-        worker_ranges = [(lo + a, lo + b) for a, b in _ranges(hi - lo, workers)]
-    return [_segments(counts, order, a, b) for a, b in worker_ranges]
+        steps = len(order) // (world_size * batch_size)  # the same count on every rank
+        return list(
+            order[: steps * world_size * batch_size].reshape(steps, world_size, -1)[:, rank]
+        )
+    lo, hi = _ranges(len(order), world_size)[rank]
+    return [order[i : min(i + batch_size, hi)] for i in range(lo, hi, batch_size)]
 
 
 def batches_per_epoch(
-    counts: list[int],
-    *,
-    world_size: int,
-    num_workers: int,
-    batch_size: int,
-    train: bool,
-    rank: int = 0,
+    counts: list[int], *, world_size: int, batch_size: int, train: bool, rank: int = 0
 ) -> int:
-    plan = plan_epoch(
-        counts,
-        epoch=0,
-        seed=0,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        batch_size=batch_size,
-        train=train,
+    total = sum(counts)
+    if train:
+        return total // (world_size * batch_size)
+    lo, hi = _ranges(total, world_size)[rank]
+    return -(-(hi - lo) // batch_size)
+
+
+# ------------------------------------------------------------------ sample addresses
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample of a split lives: its shard, the byte range of its image, its
+    image format, label and key; one entry per sample id, from the tar headers."""
+
+    paths: list[str]
+    shard: np.ndarray  # (n,) int32
+    offset: np.ndarray  # (n,) int64: the image's first byte
+    size: np.ndarray  # (n,) int64
+    ext: np.ndarray  # (n,) int8: index into IMAGE_EXTS
+    label: np.ndarray  # (n,) int64
+    key: np.ndarray  # (n,) str
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+def _tar_members(buf) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of the regular files of a tar (bytes or mmap), from its
+    headers alone."""
+    offset, next_name, end = 0, None, len(buf)
+    while offset + 512 <= end:
+        header = buf[offset : offset + 512]
+        if header == bytes(512):
+            return
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        kind, data = header[156:157], offset + 512
+        offset = data + -(-size // 512) * 512
+        if kind in (b"x", b"L"):  # pax extended header / GNU long name: the next name
+            next_name = _long_name(buf[data : data + size], kind) or next_name
+            continue
+        name = header[:100].rstrip(b"\0").decode()
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].rstrip(b"\0").decode() + "/" + name
+        name, next_name = next_name or name, None
+        if kind in (b"0", b"\0", b"7"):
+            yield name, data, size
+
+
+def _long_name(extra: bytes, kind: bytes) -> str | None:
+    if kind == b"L":
+        return extra.rstrip(b"\0").decode()
+    for record in extra.decode().split("\n"):  # "<len> path=<name>"
+        key, _, value = record.partition(" ")[2].partition("=")
+        if key == "path":
+            return value
+    return None
+
+
+def _index_shard(buf, path: str, shard: int, count: int, cols: dict[str, list]) -> None:
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, offset, size in _tar_members(buf):
+        base = name.rsplit("/", 1)[-1]
+        if "." not in base:
+            raise UserError(f"{path}: member {name} has no extension")
+        stem, ext = base.split(".", 1)
+        samples.setdefault(name[: len(name) - len(base)] + stem, {})[ext.lower()] = (offset, size)
+    if len(samples) != count:
+        raise UserError(f"{path} holds {len(samples)} samples, the manifest says {count}")
+    for key, members in samples.items():
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None or "cls" not in members:
+            raise UserError(
+                f"{path}: sample {key} has no {'image' if ext is None else 'label (.cls)'}"
+            )
+        offset, size = members["cls"]
+        cols["label"].append(int(buf[offset : offset + size]))
+        cols["shard"].append(shard)
+        cols["offset"].append(members[ext][0])
+        cols["size"].append(members[ext][1])
+        cols["ext"].append(IMAGE_EXTS.index(ext))
+        cols["key"].append(key)
+
+
+def index_shards(paths: list[str], counts: list[int]) -> ShardIndex:
+    """Read the headers (and the one-line labels) of `paths`; check them against `counts`."""
+    cols: dict[str, list] = {k: [] for k in ("shard", "offset", "size", "ext", "label", "key")}
+    for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _index_shard(buf, path, i, count, cols)
+    return ShardIndex(
+        list(paths),
+        np.array(cols["shard"], dtype=np.int32),
+        np.array(cols["offset"], dtype=np.int64),
+        np.array(cols["size"], dtype=np.int64),
+        np.array(cols["ext"], dtype=np.int8),
+        np.array(cols["label"], dtype=np.int64),
+        np.array(cols["key"], dtype=str),
     )
-    return sum(-(-sum(take for _, _, take in w) // batch_size) for w in plan)
 
 
 # ------------------------------------------------------------------ transforms
@@ -159,36 +242,6 @@ def build_transform(
 
 
 # ------------------------------------------------------------------ the dataset
-def _tar_samples(path: str) -> Iterator[dict]:
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    with open(path, "rb") as stream:
-        files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
-        yield from group_by_keys(files)
-
-
-def _read(paths: list[str], segments: list[Segment]) -> Iterator[dict]:
-    for shard, skip, take in segments:
-        for i, sample in enumerate(_tar_samples(paths[shard])):
-            if i >= skip + take:
-                break
-            if i >= skip:
-                yield sample
-
-
-def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 class ShardStream(IterableDataset):
     """Batches of {"image": (B, C, H, W), "label": (B,), "key": [str]} for one rank.
 
@@ -198,7 +251,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        paths: list[str],
+        index: ShardIndex,
         counts: list[int],
         *,
         transform,
@@ -211,66 +264,65 @@ class ShardStream(IterableDataset):
         rank: int,
         world_size: int,
         num_workers: int,
-        shuffle_buffer: int,
+        window: int,
     ) -> None:
-        self.paths, self.counts = paths, counts
+        self.index, self.counts = index, counts
         self.transform, self.mode = transform, mode
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.shuffle_buffer = shuffle_buffer
+        self.window = window
         self.epoch = 0
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        plan = plan_epoch(
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of sample ids this epoch."""
+        return rank_batches(
             self.counts,
             epoch=self.epoch,
             seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,
-            num_workers=self.num_workers,
             batch_size=self.batch_size,
             train=self.train,
+            window=self.window,
         )
-        samples = _read(self.paths, plan[worker])
-        if self.train:
-            rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-            seed = rng.randrange(2**62)
-            if info is not None:  # a worker process: seed its per-image augmentation
-                torch.manual_seed(seed)  # (in-process, the training RNG is left alone)
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        batch: list[dict] = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch)
-                batch = []
-        if batch:  # only in evaluation: training ranges are whole batches
-            yield self._collate(batch)
 
-    def _decode(self, sample: dict):
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise UserError(f"{sample['__url__']}: sample {sample['__key__']} has no image")
-        with Image.open(io.BytesIO(sample[ext])) as img:
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None and self.train:  # seed the per-image augmentation of this worker
+            torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker)) % 2**62)
+        files: dict[int, int] = {}
+        try:
+            for ids in self.batches()[worker::workers]:
+                yield self._collate(ids, files)
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+    def _decode(self, i: int, files: dict[int, int]):
+        x = self.index
+        shard = int(x.shard[i])
+        if shard not in files:
+            files[shard] = os.open(x.paths[shard], os.O_RDONLY)
+        data = os.pread(files[shard], int(x.size[i]), int(x.offset[i]))
+        with Image.open(io.BytesIO(data)) as img:
             img = img.convert(self.mode)
             return np.asarray(img) if self.transform is None else self.transform(img)
 
-    def _images(self, batch: list[dict]) -> torch.Tensor:
+    def _images(self, ids: np.ndarray, files: dict[int, int]) -> torch.Tensor:
         if self.transform is not None:
-            return torch.stack([self._decode(s) for s in batch])
-        pixels = torch.from_numpy(np.stack([self._decode(s) for s in batch]))
+            return torch.stack([self._decode(i, files) for i in ids])
+        pixels = torch.from_numpy(np.stack([self._decode(i, files) for i in ids]))
         pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
         return (pixels.float() - self.mean) / self.std
 
-    def _collate(self, batch: list[dict]) -> dict:
+    def _collate(self, ids: np.ndarray, files: dict[int, int]) -> dict:
         return {
-            "image": self._images(batch),
-            "label": torch.tensor([int(s["cls"]) for s in batch]),
-            "key": [s["__key__"] for s in batch],
+            "image": self._images(ids, files),
+            "label": torch.from_numpy(self.index.label[ids]),
+            "key": self.index.key[ids].tolist(),
         }
 
 
@@ -300,12 +352,7 @@ class ShardLoader:
     def __len__(self) -> int:
         d = self.dataset
         return batches_per_epoch(
-            d.counts,
-            world_size=d.world_size,
-            num_workers=d.num_workers,
-            batch_size=d.batch_size,
-            train=d.train,
-            rank=d.rank,
+            d.counts, world_size=d.world_size, batch_size=d.batch_size, train=d.train, rank=d.rank
         )
 
 
@@ -329,14 +376,15 @@ def build_loader(
     aug: Augment = Augment(),
     rank: int | None = None,
     world_size: int | None = None,
-    shuffle_buffer: int = 2000,
+    shuffle_window: int = SHUFFLE_WINDOW,
     pin_memory: bool = False,
     batch_augment: bool = True,
 ) -> ShardLoader:
     """The loader for `split` ("train", "val", "test") and `purpose` from the shards' manifest.
 
-    Training purposes shuffle and drop the few samples that do not fill a batch on every
-    rank; "eval" reads every sample exactly once. See `ShardLoader.device_augment`.
+    Rank and world size default to the process group's. Training purposes shuffle and drop
+    the few samples that do not fill a global batch; "eval" reads every sample exactly once.
+    See `ShardLoader.device_augment`.
     """
     manifest = read_manifest(shards)
     if split not in manifest["splits"]:
@@ -346,23 +394,23 @@ def build_loader(
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise UserError(f"shard listed in the manifest is missing: {missing[0]}")
+    counts = [e["count"] for e in entries]
     rank, world_size = _rank_and_world(rank, world_size)
-    train = purpose != "eval"
     transform, device_augment = _transforms(manifest, purpose, img_size, aug, batch_augment)
     dataset = ShardStream(
-        paths,
-        [e["count"] for e in entries],
+        index_shards(paths, counts),
+        counts,
         transform=transform,
         mode="L" if manifest["channels"] == 1 else "RGB",
         mean=manifest["mean"],
         std=manifest["std"],
         batch_size=batch_size,
-        train=train,
+        train=purpose != "eval",
         seed=seed,
         rank=rank,
         world_size=world_size,
         num_workers=num_workers,
-        shuffle_buffer=shuffle_buffer,
+        window=shuffle_window,
     )
     loader = DataLoader(
         dataset,

@@ -162,10 +162,12 @@ class RuntimeParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
-    num_workers: int = 1  # data loader processes (0: load in the training process)
+    num_workers: int = 1  # data loader processes per rank (0: load in the training process)
+    nproc: int | Literal["auto"] = "auto"  # ranks on this machine (auto: one per GPU, 1 on CPU)
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "num_workers", "must be 0 or more")
+        _require(self.nproc == "auto" or self.nproc >= 1, "nproc", "must be auto or at least 1")
 
 
 @dataclass(frozen=True)

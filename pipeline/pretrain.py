@@ -22,13 +22,15 @@ from pipeline.engine import (
     Checkpoints,
     EpochLoop,
     History,
+    Runtime,
     params_key,
     resolve_runtime,
     schedule,
     seed_everything,
+    wrap,
 )
 from pipeline.errors import UserError
-from pipeline.loader import build_loader, manifest_digest
+from pipeline.loader import build_loader, manifest_digest, read_manifest
 from pipeline.params import Params, flatten
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,14 @@ def build_model(p: Params, manifest: dict) -> MaskedAutoencoderViT:
 def run_pretrain(p: Params) -> str:
     """Train, write the outputs, log everything; -> the MLflow run id."""
     shards = Path(p.data.shards)
-    if not (shards / "manifest.json").is_file():
-        raise UserError(f"no shards at {shards} (run `mae-cli shard` or `dvc repro shard`)")
-    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest = read_manifest(shards)
     digest = manifest_digest(shards)
-    experiment_id = tracking.connect(p.tracking)  # fails now, not hours later
-    trainer = Pretrainer(p, shards, manifest)
+    rt = resolve_runtime(p.runtime)
+    main = rt.dist.main  # rank 0 alone logs and writes
+    experiment_id = tracking.connect(p.tracking) if main else None  # fails now, not later
+    trainer = Pretrainer(p, shards, manifest, rt)
     pp = p.pretrain
-    key = params_key(flatten(p.model), flatten(pp), flatten(p.runtime), digest)
+    key = params_key(flatten(p.model), flatten(pp), flatten(p.runtime), digest, rt.dist.world_size)
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{STAGE}-{key}")
     start_epoch, run_id = trainer.resume(checkpoints)
     tags = {
@@ -65,13 +67,17 @@ def run_pretrain(p: Params) -> str:
         "data.manifest_digest": digest,
     }
     name = f"{STAGE} mask={pp.mask_ratio}"
-    with tracking.start_run(experiment_id, run_name=name, run_id=run_id, tags=tags) as run:
+    with tracking.start_run(
+        experiment_id, run_name=name, run_id=run_id, tags=tags, enabled=main
+    ) as run:
         if run_id is None:
             run.log_params(trainer.run_params())
             run.log_dataset(shards / "manifest.json", digest, f"{p.data.source}/train", "training")
-        fixed = _fixed_val_images(shards, manifest, trainer.model, p.runtime.seed)
+        fixed = _fixed_val_images(shards, manifest, trainer.model, p.runtime.seed) if main else None
         for epoch in range(start_epoch, pp.epochs):
             trainer.train_epoch(epoch, run)
+            if not main:
+                continue
             if (epoch + 1) % pp.recon_every == 0 and epoch + 1 < pp.epochs:
                 png = trainer.reconstructions(fixed)
                 run.log_bytes(png, f"reconstructions/epoch_{epoch + 1:03d}.png")
@@ -83,22 +89,22 @@ def run_pretrain(p: Params) -> str:
                 {"run_id": run.id, "history": trainer.history.__dict__},
             )
             log.info("checkpoint saved: %s", saved)
-        png = trainer.reconstructions(fixed)
-        run.log_bytes(png, f"reconstructions/epoch_{pp.epochs:03d}.png")
-        _write_outputs(p, trainer.model, png, run, trainer.history, digest)
-    checkpoints.clear()  # done: a later run with these params starts afresh
+        if main:
+            png = trainer.reconstructions(fixed)
+            run.log_bytes(png, f"reconstructions/epoch_{pp.epochs:03d}.png")
+            _write_outputs(p, trainer.model, png, run, trainer.history, digest)
+            checkpoints.clear()  # done: a later run with these params starts afresh
     return run.id
 
 
 class Pretrainer:
     """One pretraining run's state: model, data, optimiser, masking RNG and history."""
 
-    def __init__(self, p: Params, shards: Path, manifest: dict) -> None:
-        self.p, self.pp, self.manifest = p, p.pretrain, manifest
-        self.rt = resolve_runtime(p.runtime)
-        seed_everything(p.runtime.seed)
-        self.model = build_model(p, manifest).to(self.rt.device)
-        self.net = torch.compile(self.model) if p.runtime.compile else self.model
+    def __init__(self, p: Params, shards: Path, manifest: dict, rt: Runtime) -> None:
+        self.p, self.pp, self.manifest, self.rt = p, p.pretrain, manifest, rt
+        seed_everything(p.runtime.seed)  # the same initial weights on every rank
+        self.model = build_model(p, manifest).to(rt.device)
+        self.net, ddp = wrap(self.model, rt, p.runtime.compile)
         self.loader = build_loader(
             shards,
             "train",
@@ -130,17 +136,19 @@ class Pretrainer:
             self.pp.clip_grad,
             self.pp.log_every,
             hint="Lower pretrain.blr or set pretrain.clip_grad.",
+            dist=rt.dist,
+            ddp=ddp,
         )
 
     def resume(self, checkpoints: Checkpoints) -> tuple[int, str | None]:
         """Load the newest checkpoint, if any; -> (first epoch to train, run id to continue)."""
-        latest = checkpoints.latest()
+        latest = checkpoints.latest(self.rt.dist)
         if latest is None:
             return 0, None
         meta = checkpoints.load(latest, self.model, self.optimizer, self.masking)
         self.history = History(meta["history"]["steps"], meta["history"]["epochs"])
         run_id = meta["run_id"]
-        if not tracking.run_exists(run_id):
+        if self.rt.dist.main and not tracking.run_exists(run_id):
             log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
             run_id = None
         log.info("resuming from %s (epoch %d of %d)", latest, meta["epoch"] + 2, self.pp.epochs)
@@ -181,9 +189,12 @@ class Pretrainer:
 
     def _loss(self, batch: dict) -> torch.Tensor:
         imgs = batch["image"].to(self.rt.device, non_blocking=True)
+        d, n = self.rt.dist, imgs.shape[0]
         if self.loader.device_augment is not None:  # crop + flip on the device, one call
-            imgs = self.loader.device_augment(imgs, generator=self.masking)
-        noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=self.masking)
+            imgs = self.loader.device_augment(imgs, self.masking, d.rank, d.world_size)
+        # drawn for the global batch, this rank's rows kept: ranks do not change the masks
+        noise = torch.rand(n * d.world_size, self.model.cfg.num_patches, generator=self.masking)
+        noise = noise[d.share(n)]
         with self.rt.autocast():
             loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise.to(self.rt.device))
         return loss

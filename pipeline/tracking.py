@@ -141,6 +141,17 @@ class Run:
         mlflow.log_input(dataset, context=context)
 
 
+class NullRun:
+    """What ranks other than 0 log to: nothing. Same methods as `Run`."""
+
+    id = None
+
+    def __getattr__(self, name: str):
+        if not hasattr(Run, name):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
 def _param_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, list | dict) else str(v)
 
@@ -153,9 +164,14 @@ def start_run(
     run_id: str | None = None,
     parent_id: str | None = None,
     tags: dict[str, str | None] | None = None,
+    enabled: bool = True,
 ):
     """Start (or, given `run_id`, continue) a run. MLflow marks it FAILED if the stage
-    raises; a killed process leaves it RUNNING, and the resumed stage continues it."""
+    raises; a killed process leaves it RUNNING, and the resumed stage continues it.
+    `enabled=False` (ranks other than 0) gives a `NullRun`: one run per training run."""
+    if not enabled:
+        yield NullRun()
+        return
     all_tags = dict(tags or {})
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id

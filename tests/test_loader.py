@@ -1,13 +1,16 @@
-"""Loaders: every sample once per epoch on any ranks x workers, equal batches per rank."""
+"""Loaders: every sample once per epoch on any ranks x workers, equal batches per rank, and
+the same global batches whatever the number of ranks and workers."""
 
 import itertools
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.loader import Augment, batches_per_epoch, build_loader, plan_epoch
+from pipeline.loader import Augment, batches_per_epoch, build_loader, index_shards, rank_batches
 from pipeline.params import DataParams
 from pipeline.shard import run_shard
 from tests.factory import idx_dataset, imagefolder, shard_set
@@ -15,51 +18,80 @@ from tests.factory import idx_dataset, imagefolder, shard_set
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]  # 7 shards, 59 samples
 
 
-def _planned(counts, world, workers, batch, train, epoch=0, seed=0):
-    """-> {rank: [(shard, position) ...]} and batch counts, straight from the plan."""
-    seen, batches = {}, {}
-    for rank in range(world):
-        plan = plan_epoch(
+def _planned(counts, world, batch, train, epoch=0, seed=0, window=16):
+    """-> {rank: [sample id per batch ...]} straight from the plan."""
+    return {
+        rank: rank_batches(
             counts,
             epoch=epoch,
             seed=seed,
             rank=rank,
             world_size=world,
-            num_workers=workers,
             batch_size=batch,
             train=train,
+            window=window,
         )
-        seen[rank] = [(s, skip + i) for w in plan for s, skip, take in w for i in range(take)]
-        batches[rank] = sum(-(-sum(t for _, _, t in w) // batch) for w in plan)
-    return seen, batches
+        for rank in range(world)
+    }
 
 
-@pytest.mark.parametrize(
-    ("world", "workers", "batch"), list(itertools.product([1, 2, 3, 4], [0, 1, 3], [1, 4, 7]))
-)
-def test_plan_train_uses_each_sample_at_most_once_and_gives_ranks_equal_batches(
-    world, workers, batch
-):
-    seen, batches = _planned(UNEVEN, world, workers, batch, train=True)
-    everything = [x for xs in seen.values() for x in xs]
+@pytest.mark.parametrize(("world", "batch"), list(itertools.product([1, 2, 3, 4], [1, 4, 7])))
+def test_plan_train_uses_each_sample_at_most_once_and_gives_ranks_equal_batches(world, batch):
+    plan = _planned(UNEVEN, world, batch, train=True)
+    everything = [int(i) for batches in plan.values() for b in batches for i in b]
     assert len(everything) == len(set(everything))  # nothing twice
     assert sum(UNEVEN) - len(everything) < world * batch  # little dropped
-    assert len(set(batches.values())) == 1  # the same on every rank: no DDP hang
-    assert all(len(xs) % batch == 0 for xs in seen.values())  # full batches only
+    assert len({len(batches) for batches in plan.values()}) == 1  # no DDP hang
+    assert all(len(b) == batch for batches in plan.values() for b in batches)  # full batches
+    assert len(plan[0]) == batches_per_epoch(UNEVEN, world_size=world, batch_size=batch, train=True)
 
 
-@pytest.mark.parametrize(("world", "workers"), list(itertools.product([1, 2, 3, 5], [0, 1, 3, 8])))
-def test_plan_eval_reads_every_sample_exactly_once(world, workers):
-    seen, _ = _planned(UNEVEN, world, workers, batch=4, train=False)
-    everything = [x for xs in seen.values() for x in xs]
-    assert Counter(everything) == Counter((s, i) for s, n in enumerate(UNEVEN) for i in range(n))
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_plan_eval_reads_every_sample_exactly_once(world):
+    plan = _planned(UNEVEN, world, batch=4, train=False)
+    everything = [int(i) for batches in plan.values() for b in batches for i in b]
+    assert Counter(everything) == Counter(range(sum(UNEVEN)))
+    for rank, batches in plan.items():
+        assert len(batches) == batches_per_epoch(
+            UNEVEN, world_size=world, batch_size=4, train=False, rank=rank
+        )
 
 
 def test_plan_reshuffles_each_epoch_identically_on_every_rank():
-    a, _ = _planned(UNEVEN, 2, 3, 4, train=True, epoch=0)
-    b, _ = _planned(UNEVEN, 2, 3, 4, train=True, epoch=1)
-    assert a != b
-    assert a == _planned(UNEVEN, 2, 3, 4, train=True, epoch=0)[0]  # a pure function
+    a = _planned(UNEVEN, 2, 4, train=True, epoch=0)
+    b = _planned(UNEVEN, 2, 4, train=True, epoch=1)
+    flat = lambda plan: [int(i) for bs in plan.values() for x in bs for i in x]  # noqa: E731
+    assert flat(a) != flat(b)
+    assert flat(a) == flat(_planned(UNEVEN, 2, 4, train=True, epoch=0))  # a pure function
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_together_see_the_global_batches_of_one_rank(world):
+    """One rank at batch 8 and `world` ranks at 8 / world: the same samples in every step."""
+    one = _planned(UNEVEN, 1, 8, train=True)[0]
+    many = _planned(UNEVEN, world, 8 // world, train=True)
+    for step, batch in enumerate(one):
+        together = np.concatenate([many[r][step] for r in range(world)])
+        assert together.tolist() == batch.tolist()
+
+
+def test_index_matches_webdataset_reading(tmp_path):
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    folder = shard_set(tmp_path / "shards", [3, 5])
+    paths = [str(folder / f"train-{i:06d}.tar") for i in range(2)]
+    index = index_shards(paths, [3, 5])
+    samples = []
+    for path in paths:
+        with open(path, "rb") as f:
+            samples += list(group_by_keys({**m, "__url__": path} for m in tar_file_iterator(f)))
+    assert index.key.tolist() == [s["__key__"] for s in samples]
+    assert index.label.tolist() == [int(s["cls"]) for s in samples]
+    for i, s in enumerate(samples):
+        data = Path(index.paths[index.shard[i]]).read_bytes()
+        assert data[index.offset[i] : index.offset[i] + index.size[i]] == s["pgm"]
+    with pytest.raises(UserError, match=r"train-000001.tar holds 5 samples, the manifest says 4"):
+        index_shards(paths, [3, 4])
 
 
 def _epoch(folder, split, purpose, rank, world, workers, batch, epoch):
@@ -155,8 +187,19 @@ def test_rgb_imagefolder_of_mixed_sizes_loads_as_fixed_size_rgb(tmp_path):
 
 
 def test_batches_per_epoch_matches_the_plan():
-    assert batches_per_epoch(UNEVEN, world_size=2, num_workers=3, batch_size=4, train=True) == 7
-    assert batches_per_epoch([10], world_size=1, num_workers=0, batch_size=4, train=False) == 3
+    assert batches_per_epoch(UNEVEN, world_size=2, batch_size=4, train=True) == 7
+    assert batches_per_epoch([10], world_size=1, batch_size=4, train=False) == 3
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
+def test_the_number_of_workers_does_not_change_the_batches(tmp_path):
+    folder = shard_set(tmp_path / "shards", UNEVEN)
+    for purpose, split in (("pretrain", "train"), ("eval", "test")):
+        runs = [_epoch(folder, split, purpose, 0, 1, w, 4, 1) for w in (0, 1, 3)]
+        keys = [[b["key"] for b in batches] for batches in runs]
+        assert keys[0] == keys[1] == keys[2]
+        labels = [torch.cat([b["label"] for b in batches]) for batches in runs]
+        assert all(torch.equal(labels[0], x) for x in labels[1:])
 
 
 def test_missing_shards_are_a_user_error(tmp_path):
