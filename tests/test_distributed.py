@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from pipeline.distributed import Dist, resolve_nproc
@@ -43,6 +44,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_loaders_under_two_ranks_in_a_process_group(tmp_path):
     folder = shard_set(tmp_path / "shards", UNEVEN)
@@ -69,3 +71,58 @@ def test_single_process_defaults():
     assert d.gather("x") == ["x"] and d.broadcast(3) == 3
     assert resolve_nproc("auto", "cpu") == 1 and resolve_nproc(3, "auto") == 3
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+
+
+def _curve(path: Path) -> list[float]:
+    import csv
+
+    with path.open() as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_one_rank_with_the_same_global_batch(tmp_path):
+    """`runtime.nproc: 2` (gloo) at batch 8 per rank vs 1 process at batch 16, same seed: the
+    same pretrain and finetune loss curves, one MLflow run per stage (rank 0's)."""
+    import mlflow
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from tests.factory import run_cmd
+    from tests.test_pretrain import make_project
+
+    results = {}
+    for nproc, batch in ((1, 16), (2, 8)):
+        folder = tmp_path / f"nproc{nproc}"
+        make_project(
+            folder,
+            pretrain={"epochs": 2, "batch_size": batch, "log_every": 1},
+            finetune={"epochs": 1, "batch_size": batch, "log_every": 1, "drop_path": 0.0},
+            linprobe={"epochs": 2, "warmup_epochs": 1, "batch_size": batch},
+            runtime={"nproc": nproc},
+        )
+        for stage in ("pretrain", "finetune", "linprobe"):
+            run_cmd(["mae-cli", stage], folder)
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        results[nproc] = {
+            "pretrain": _curve(folder / "plots/pretrain/loss.csv"),
+            "finetune": _curve(folder / "plots/finetune/curve.csv"),
+            "weights": load_file(folder / "models/pretrain/model.safetensors"),
+            "runs": {r.data.tags["stage"]: r for r in runs},
+            "count": len(runs),
+        }
+    one, two = results[1], results[2]
+    assert len(one["pretrain"]) == len(two["pretrain"]) == 2 * (180 // 16)
+    np.testing.assert_allclose(two["pretrain"], one["pretrain"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(two["finetune"], one["finetune"], rtol=1e-4, atol=1e-5)
+    for name, value in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], value, rtol=1e-3, atol=1e-4)
+    assert two["count"] == 3 and set(two["runs"]) == {"pretrain", "finetune", "linprobe"}
+    for stage in ("pretrain", "finetune"):  # the lr follows the global batch
+        a, b = one["runs"][stage].data.params, two["runs"][stage].data.params
+        assert a[f"{stage}.effective_batch"] == b[f"{stage}.effective_batch"] == "16"
+        assert a[f"{stage}.lr"] == b[f"{stage}.lr"]
+    assert two["runs"]["finetune"].data.metrics["val/top1"] == pytest.approx(
+        one["runs"]["finetune"].data.metrics["val/top1"]
+    )
