@@ -1,42 +1,147 @@
-"""Throughput figures: img/s of the data loader and of the MAE training step."""
+"""Throughput figures: the MAE training step (img/s, data wait vs compute, peak memory,
+model FLOP utilisation, the asymmetric encoder's speed-up) and the data loader (img/s)."""
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
-from mae import create_mae
+from mae import MAEConfig, mae_config
+from mae.flops import mae_step_flops
+from mae.model import MaskedAutoencoderViT, MaskTokensInEncoderMAE
 from mae.optim import build_adamw, pretrain_param_groups
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
+# piece of `torch.cuda.get_device_name()`; the first match wins. --peak-tflops overrides.
+BF16_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM
+    "H200": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L40": 181.0,
+    "L4": 121.0,
+}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
 @dataclass(frozen=True)
 class StepBench:
     model: str
     device: str
+    precision: str
+    compile: bool
+    data: str  # synthetic (one batch on the device) | shards (the pretrain loader)
+    img_size: int
     batch_size: int
     mask_ratio: float
     steps: int
     threads: int
-    step_ms: float
+    step_ms: float  # data wait + compute
+    data_ms: float  # waiting for the next batch (and its crop/flip on the device)
+    compute_ms: float  # forward + backward + optimizer step, synchronised
     img_per_s: float
+    peak_memory_gb: float  # CUDA: max allocated; CPU: the process's peak RSS
+    step_tflop: float  # analytic, see mae/flops.py
+    tflops: float  # achieved: step_tflop / step time
+    peak_tflops: float | None  # the device's dense bf16 peak, when known
+    mfu: float | None  # tflops / peak_tflops (bf16 on CUDA only)
+    baseline_compute_ms: float | None  # mask tokens through the encoder, same batch
+    speedup: float | None  # baseline_compute_ms / compute_ms
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (
-            f"{self.model} on {self.device} ({self.threads} threads), batch "
-            f"{self.batch_size}, mask {self.mask_ratio}: {self.img_per_s:,.0f} img/s "
-            f"({self.step_ms:.1f} ms/step over {self.steps} steps)"
-        )
+        lines = [
+            f"{self.model} {self.img_size}px on {self.device} ({self.precision}"
+            f"{', compiled' if self.compile else ''}, {self.threads} threads), batch "
+            f"{self.batch_size}, mask {self.mask_ratio}, {self.data} data:",
+            f"  {self.img_per_s:,.0f} img/s; step {self.step_ms:.1f} ms = data wait "
+            f"{self.data_ms:.1f} ms + compute {self.compute_ms:.1f} ms ({self.steps} steps)",
+            f"  {self.step_tflop:.3g} TFLOP/step (analytic) -> {self.tflops:.3g} TFLOP/s"
+            + (f", MFU {self.mfu:.1%} of {self.peak_tflops:g} bf16 peak" if self.mfu else ""),
+            f"  peak memory {self.peak_memory_gb:.2f} GB",
+        ]
+        if self.speedup is not None:
+            lines.append(
+                f"  asymmetric encoder: {self.speedup:.2f}x faster than mask tokens through "
+                f"the encoder ({self.baseline_compute_ms:.1f} ms compute/step)"
+            )
+        return "\n".join(lines)
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _synthetic(cfg: MAEConfig, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    imgs = torch.randn(batch_size, cfg.in_chans, *cfg.image_hw, device=device)
+    while True:
+        yield imgs
+
+
+def _from_shards(loader, device: torch.device) -> Iterator[torch.Tensor]:
+    """The pretrain loader's batches on the device, cropped and flipped there, epoch after
+    epoch: what the pretrain stage's step waits for."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            imgs = batch["image"].to(device, non_blocking=True)
+            yield imgs if loader.device_augment is None else loader.device_augment(imgs)
+        epoch += 1
+
+
+def _time_steps(
+    model: MaskedAutoencoderViT,
+    batches: Iterator[torch.Tensor],
+    mask_ratio: float,
+    steps: int,
+    warmup: int,
+    autocast: Callable,
+    compile: bool,
+) -> tuple[float, float]:
+    """-> (mean data wait, mean compute) in seconds per step, after `warmup` steps."""
+    device = next(model.parameters()).device
+    net = torch.compile(model) if compile else model
+    opt = build_adamw(pretrain_param_groups(model, 0.05), lr=1e-4)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    wait = compute = 0.0
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        imgs = next(batches)
+        sync()
+        t1 = time.perf_counter()
+        with autocast():
+            loss, _, _ = net(imgs, mask_ratio)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i >= warmup:
+            wait += t1 - t0
+            compute += time.perf_counter() - t1
+    return wait / steps, compute / steps
 
 
 def bench_train_step(
@@ -46,40 +151,74 @@ def bench_train_step(
     steps: int = 10,
     warmup: int = 3,
     device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    img_size: int | None = None,
+    loader=None,
+    baseline: bool = True,
+    peak_tflops: float | None = None,
     seed: int = 0,
 ) -> StepBench:
-    """Time `steps` full training steps on synthetic images after `warmup` untimed ones."""
+    """Time `steps` training steps (forward + backward + AdamW) after `warmup` untimed ones,
+    on synthetic images or on `loader`'s (a pretrain ShardLoader); with `baseline`, the
+    same for the model with mask tokens through its encoder."""
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    model = create_mae(model_name).to(dev)
-    opt = build_adamw(pretrain_param_groups(model, 0.05), lr=1e-4)
-    imgs = torch.randn(batch_size, model.cfg.in_chans, *model.cfg.image_hw, device=dev)
+    overrides = {"img_size": img_size} if img_size else {}
+    if loader is not None:
+        overrides["in_chans"] = loader.manifest["channels"]
+    cfg = mae_config(model_name, **overrides)
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
 
-    def step() -> None:
-        loss, _, _ = model(imgs, mask_ratio)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def autocast():
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
 
-    for _ in range(warmup):
-        step()
+    def batches() -> Iterator[torch.Tensor]:
+        return _synthetic(cfg, batch_size, dev) if loader is None else _from_shards(loader, dev)
+
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = MaskedAutoencoderViT(cfg).to(dev)
+    wait, compute = _time_steps(model, batches(), mask_ratio, steps, warmup, autocast, compile)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = (time.perf_counter() - start) / steps
+        peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+    else:  # ru_maxrss is in KiB on Linux
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    del model
+    base = None
+    if baseline:  # the same images for both: the data pipeline is not what is compared
+        other = MaskTokensInEncoderMAE(cfg).to(dev)
+        _, base = _time_steps(
+            other, _synthetic(cfg, batch_size, dev), mask_ratio, steps, warmup, autocast, compile
+        )
+        del other
+    step = wait + compute
+    flop = mae_step_flops(cfg, batch_size, mask_ratio) / 1e12
+    peak = peak_tflops or (bf16_peak_tflops(dev) if bf16 else None)
     return StepBench(
-        model_name,
-        str(dev),
-        batch_size,
-        mask_ratio,
-        steps,
-        torch.get_num_threads(),
-        seconds * 1e3,
-        batch_size / seconds,
+        model=model_name,
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        precision="bf16" if bf16 else "fp32",
+        compile=compile,
+        data="synthetic" if loader is None else "shards",
+        img_size=cfg.image_hw[0],
+        batch_size=batch_size,
+        mask_ratio=mask_ratio,
+        steps=steps,
+        threads=torch.get_num_threads(),
+        step_ms=step * 1e3,
+        data_ms=wait * 1e3,
+        compute_ms=compute * 1e3,
+        img_per_s=batch_size / step,
+        peak_memory_gb=peak_gb,
+        step_tflop=flop,
+        tflops=flop / step,
+        peak_tflops=peak,
+        mfu=flop / step / peak if peak else None,
+        baseline_compute_ms=base * 1e3 if base else None,
+        speedup=base / compute if base else None,
     )
 
 

@@ -192,20 +192,68 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("step")
 def bench_step(
     model: str = typer.Option("mae_vit_small_patch4_28", help="A name from `mae-cli models`."),
+    img_size: int = typer.Option(None, help="Image side in pixels (default: the model's)."),
     batch_size: int = typer.Option(256, min=1),
     mask_ratio: float = typer.Option(0.75, help="Fraction of patches removed, in [0, 1)."),
     steps: int = typer.Option(10, min=1, help="Timed steps."),
-    warmup: int = typer.Option(3, min=0, help="Untimed steps first."),
+    warmup: int = typer.Option(3, min=0, help="Untimed steps first (compilation happens here)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA), fp32 or bf16."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
+    data: str = typer.Option(
+        "synthetic", help="synthetic (one batch on the device) or shards (data.shards)."
+    ),
+    params: Path = PARAMS,
+    baseline: bool = typer.Option(
+        True, "--baseline/--no-baseline", help="Also time mask tokens through the encoder."
+    ),
+    peak_tflops: float = typer.Option(None, help="The device's bf16 peak, if not in the table."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
-    """Training-step throughput (forward + backward + AdamW) on synthetic images."""
+    """Training-step figures: img/s, data wait vs compute, peak memory, MFU, and the speed-up
+    of the encoder on visible patches only over mask tokens through the encoder."""
     import json
 
     from pipeline.bench import bench_train_step
 
+    if precision not in ("auto", "fp32", "bf16"):
+        raise typer.BadParameter(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if data not in ("synthetic", "shards"):
+        raise typer.BadParameter(f"--data must be synthetic or shards, got {data!r}")
+    loader = None
+    if data == "shards":
+        import torch
+
+        from mae import mae_config
+        from pipeline.loader import build_loader
+        from pipeline.params import load_params
+
+        p = load_params(params)
+        size = img_size or mae_config(model).image_hw[0]
+        loader = build_loader(
+            p.data.shards,
+            "train",
+            "pretrain",
+            batch_size=batch_size,
+            img_size=size,
+            num_workers=p.runtime.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
     try:
-        result = bench_train_step(model, batch_size, mask_ratio, steps, warmup, device)
+        result = bench_train_step(
+            model,
+            batch_size,
+            mask_ratio,
+            steps,
+            warmup,
+            device,
+            precision,
+            compile,
+            img_size,
+            loader,
+            baseline,
+            peak_tflops,
+        )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(json.dumps(result.to_dict()) if as_json else result.line())

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mae import mae_config
+from mae.flops import mae_step_flops
 from pipeline.cli import app
+from tests.factory import shard_set
 
 runner = CliRunner()
 
@@ -65,6 +68,24 @@ def test_bench_prints_json_figures():
     figures = json.loads(result.output)
     assert figures["model"] == "mae_vit_test" and figures["batch_size"] == 4
     assert figures["img_per_s"] > 0 and figures["step_ms"] > 0
+    assert figures["step_ms"] == pytest.approx(figures["data_ms"] + figures["compute_ms"])
+    assert figures["step_tflop"] == mae_step_flops(mae_config("mae_vit_test"), 4, 0.75) / 1e12
+    assert figures["speedup"] > 0 and figures["baseline_compute_ms"] > 0
+    assert figures["mfu"] is None and figures["precision"] == "fp32"  # no bf16 peak on a CPU
+    assert figures["peak_memory_gb"] > 0
+
+
+def test_bench_step_reads_the_shards_and_prints_its_figures(tmp_path):
+    shards = shard_set(tmp_path / "shards", [20, 20], size=16)
+    (tmp_path / "p.yaml").write_text(f"data: {{shards: {shards}}}\nruntime: {{num_workers: 0}}\n")
+    args = ["--model", "mae_vit_test", "--batch-size", "8", "--steps", "6", "--warmup", "0"]
+    result = runner.invoke(
+        app,
+        ["bench", "step", *args, "--data", "shards", "--params", str(tmp_path / "p.yaml")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "mae_vit_test 16px on cpu (fp32" in result.output and "shards data" in result.output
+    assert "data wait" in result.output and "asymmetric encoder" in result.output
 
 
 @pytest.mark.parametrize(
