@@ -8,7 +8,7 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup dataset run sweep compare ui test test-fast lint format clean
+.PHONY: help setup dataset run gpu-run sweep compare ui test test-fast test-gpu lint format clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,12 @@ dataset: ## Install Debian's dataset-fashion-mnist where apt is available
 run: setup ## Set up, then run the whole pipeline with DVC (dvc repro)
 	$(BIN)/dvc repro
 
+GPU_RECIPE ?= recipes/fashion-mnist-gpu.yaml
+gpu-run: setup ## Run the GPU recipe (GPU_RECIPE) as a DVC experiment, on every local GPU
+	@# The recipe is checked against params.yaml first: a bad key stops here, named.
+	args="$$($(BIN)/python -m pipeline.recipe $(GPU_RECIPE))" && \
+		eval "$(BIN)/dvc exp run -n gpu-recipe $$args"
+
 MASK_RATIOS ?= 0.25,0.5,0.75,0.9
 sweep: setup ## Queue and run a mask-ratio sweep (MASK_RATIOS=...), then compare
 	@# Create the tracking store once: parallel first use of a fresh SQLite store fails.
@@ -57,6 +63,9 @@ test: setup ## Set up, then run the test suite (all but GPU tests)
 
 test-fast: ## Run the tests without the slow ones (no set-up)
 	$(BIN)/python -m pytest -m "not gpu and not slow"
+
+test-gpu: setup ## Run the tests that need CUDA (bf16, compile, NCCL)
+	$(BIN)/python -m pytest -m gpu
 
 lint: $(VENV)/.installed ## ruff: format check and lint
 	$(BIN)/ruff format --check .

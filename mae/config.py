@@ -104,6 +104,18 @@ PRESETS: dict[str, MAEConfig] = {
     "mae_vit_huge_patch14": MAEConfig(
         patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_OFFICIAL_DECODER
     ),
+    # Fashion-MNIST on a GPU (recipes/fashion-mnist-gpu.yaml): ViT-S widths, 49 tokens.
+    "mae_vit_s_patch4_28": MAEConfig(
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=256,
+        decoder_depth=4,
+        decoder_num_heads=8,
+    ),
     # Fashion-MNIST on a CPU: 28x28x1 images, 4x4 patches -> 7x7 = 49 tokens.
     "mae_vit_small_patch4_28": MAEConfig(
         img_size=28,

@@ -80,12 +80,10 @@ def _curve(path: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.slow
-def test_two_ranks_follow_one_rank_with_the_same_global_batch(tmp_path):
-    """`runtime.nproc: 2` (gloo) at batch 8 per rank vs 1 process at batch 16, same seed: the
-    same pretrain and finetune loss curves, one MLflow run per stage (rank 0's)."""
+def run_one_and_two_ranks(tmp_path: Path, **runtime) -> dict:
+    """Pretrain, finetune and linprobe through the CLI with 1 rank at batch 16 and with
+    `runtime.nproc: 2` at batch 8; -> per nproc: curves, weights and the MLflow runs."""
     import mlflow
-    import numpy as np
     from safetensors.torch import load_file
 
     from tests.factory import run_cmd
@@ -99,7 +97,7 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(tmp_path):
             pretrain={"epochs": 2, "batch_size": batch, "log_every": 1},
             finetune={"epochs": 1, "batch_size": batch, "log_every": 1, "drop_path": 0.0},
             linprobe={"epochs": 2, "warmup_epochs": 1, "batch_size": batch},
-            runtime={"nproc": nproc},
+            runtime={"nproc": nproc, **runtime},
         )
         for stage in ("pretrain", "finetune", "linprobe"):
             run_cmd(["mae-cli", stage], folder)
@@ -112,17 +110,32 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(tmp_path):
             "runs": {r.data.tags["stage"]: r for r in runs},
             "count": len(runs),
         }
+    return results
+
+
+def check_same_training(results: dict, rtol: float, atol: float) -> None:
+    import numpy as np
+
     one, two = results[1], results[2]
     assert len(one["pretrain"]) == len(two["pretrain"]) == 2 * (180 // 16)
-    np.testing.assert_allclose(two["pretrain"], one["pretrain"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(two["finetune"], one["finetune"], rtol=1e-4, atol=1e-5)
-    for name, value in one["weights"].items():
-        torch.testing.assert_close(two["weights"][name], value, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(two["pretrain"], one["pretrain"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(two["finetune"], one["finetune"], rtol=rtol, atol=atol)
     assert two["count"] == 3 and set(two["runs"]) == {"pretrain", "finetune", "linprobe"}
     for stage in ("pretrain", "finetune"):  # the lr follows the global batch
         a, b = one["runs"][stage].data.params, two["runs"][stage].data.params
         assert a[f"{stage}.effective_batch"] == b[f"{stage}.effective_batch"] == "16"
         assert a[f"{stage}.lr"] == b[f"{stage}.lr"]
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_one_rank_with_the_same_global_batch(tmp_path):
+    """`runtime.nproc: 2` (gloo) at batch 8 per rank vs 1 process at batch 16, same seed: the
+    same pretrain and finetune loss curves, one MLflow run per stage (rank 0's)."""
+    results = run_one_and_two_ranks(tmp_path)
+    check_same_training(results, rtol=1e-4, atol=1e-5)
+    one, two = results[1], results[2]
+    for name, value in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], value, rtol=1e-3, atol=1e-4)
     assert two["runs"]["finetune"].data.metrics["val/top1"] == pytest.approx(
         one["runs"]["finetune"].data.metrics["val/top1"]
     )

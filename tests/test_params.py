@@ -72,3 +72,24 @@ def test_cli_reports_a_bad_key_in_one_line_and_exits_non_zero(tmp_path):
         f"mae-cli: error: data.val_fraction: must be in [0, 1) (in {params})"
     )
     assert not (tmp_path / "data").exists()
+
+
+def test_the_gpu_recipe_is_valid_and_becomes_dvc_set_arguments(tmp_path):
+    from pipeline.recipe import overrides
+
+    args = overrides(ROOT / "recipes/fashion-mnist-gpu.yaml", ROOT / "params.yaml")
+    assert "model.name=mae_vit_s_patch4_28" in args and "runtime.compile=true" in args
+    assert "runtime.nproc=auto" in args and "pretrain.blr=0.00015" in args
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: {epoch: 3}\n")
+    with pytest.raises(UserError, match=r"bad.yaml: pretrain.epoch: unknown key"):
+        overrides(bad, ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize(("value", "ok"), [("auto", True), (2, True), (0, False), ("all", False)])
+def test_runtime_nproc_is_auto_or_a_positive_count(value, ok):
+    if ok:
+        assert parse_params({"runtime": {"nproc": value}}).runtime.nproc == value
+    else:
+        with pytest.raises(ParamsError, match=r"runtime\.nproc"):
+            parse_params({"runtime": {"nproc": value}})

@@ -1,0 +1,47 @@
+"""On CUDA: bf16 autocast, torch.compile, pinned memory, the benchmark's MFU, and DDP over
+NCCL. Skipped without CUDA (`make test-gpu` on a GPU runner runs them)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.bench import bench_train_step
+from pipeline.engine import resolve_runtime
+from pipeline.params import RuntimeParams, load_params
+from pipeline.pretrain import run_pretrain
+from tests.test_distributed import check_same_training, run_one_and_two_ranks
+from tests.test_pretrain import make_project
+
+pytestmark = pytest.mark.gpu
+
+
+def test_auto_runtime_is_cuda_in_bf16():
+    rt = resolve_runtime(RuntimeParams())
+    assert rt.device.type == "cuda" and rt.amp_dtype == torch.bfloat16
+
+
+def test_pretrain_on_cuda_in_bf16_compiled(tmp_path, monkeypatch):
+    params = make_project(
+        tmp_path / "p",
+        pretrain={"epochs": 2},
+        runtime={"device": "auto", "compile": True, "num_workers": 2},
+    )
+    monkeypatch.chdir(params.parent)
+    run_pretrain(load_params("params.yaml"))
+    metrics = json.loads(Path("metrics/pretrain.json").read_text())
+    assert math.isfinite(metrics["loss"]) and metrics["img_per_s"] > 0
+
+
+def test_bench_on_cuda_reports_bf16_mfu_and_the_speedup():
+    result = bench_train_step("mae_vit_test", 64, steps=3, warmup=2, peak_tflops=100.0)
+    assert result.precision == "bf16" and result.device != "cpu"
+    assert 0 < result.mfu < 1 and result.peak_memory_gb > 0 and result.speedup > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_over_nccl_follow_one_gpu(tmp_path):
+    # bf16 rounds differently when the batch is split: a looser tolerance than on the CPU
+    check_same_training(run_one_and_two_ranks(tmp_path, device="cuda"), rtol=5e-2, atol=5e-3)
