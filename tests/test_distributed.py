@@ -139,3 +139,28 @@ def test_two_ranks_follow_one_rank_with_the_same_global_batch(tmp_path):
     assert two["runs"]["finetune"].data.metrics["val/top1"] == pytest.approx(
         one["runs"]["finetune"].data.metrics["val/top1"]
     )
+
+
+def test_a_failing_rank_stops_the_launch_with_one_line_and_a_non_zero_exit(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(
+        "data: {shards: nowhere}\nruntime: {nproc: 2, device: cpu}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "pretrain"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors and all(
+        "mae-cli: error" in line and "no shards at nowhere" in line for line in errors
+    )
+    assert "Traceback" not in result.stderr
