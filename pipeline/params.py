@@ -137,23 +137,20 @@ class LinprobeParams:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "epochs", "must be at least 1")
-        _require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in [0, epochs]")
-        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
-        _require(self.blr > 0, "blr", "must be positive")
-        _require(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
-        _require(self.log_every >= 1, "log_every", "must be at least 1")
+        _common_checks(self)
 
 
 def _common_checks(p) -> None:
+    """The schedule and optimizer keys the training sections share (those they have)."""
     _require(p.epochs >= 1, "epochs", "must be at least 1")
     _require(0 <= p.warmup_epochs <= p.epochs, "warmup_epochs", "must be in [0, epochs]")
     for key in ("batch_size", "accum_iter", "log_every"):
-        _require(getattr(p, key) >= 1, key, "must be at least 1")
+        _require(getattr(p, key, 1) >= 1, key, "must be at least 1")
     for key in ("min_lr", "weight_decay"):
         _require(getattr(p, key) >= 0, key, "must be 0 or more")
     _require(p.blr > 0, "blr", "must be positive")
-    _require(p.clip_grad is None or p.clip_grad > 0, "clip_grad", "must be positive or null")
+    clip = getattr(p, "clip_grad", None)
+    _require(clip is None or clip > 0, "clip_grad", "must be positive or null")
 
 
 @dataclass(frozen=True)

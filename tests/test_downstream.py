@@ -149,3 +149,47 @@ def test_downstream_needs_the_pretrained_model(tmp_path, monkeypatch):
     run_shard(load_params("params.yaml").data)
     with pytest.raises(UserError, match=r"no pretrained model: models/pretrain/config.json"):
         run_finetune(load_params("params.yaml"))
+
+
+def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(project, monkeypatch):
+    from pipeline.finetune import Finetuner
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["finetune"] = {**raw["finetune"], "epochs": 3}
+    (project / "params-3.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params("params-3.yaml")
+    reference = run_finetune(p)
+    expected = load_file(str(project / "models/finetune/model.safetensors"))
+    expected_curve = [
+        m.value for m in mlflow.MlflowClient().get_metric_history(reference, "epoch/loss")
+    ]
+
+    calls = {"n": 0}
+    validate = Finetuner.validate
+
+    def power_cut(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # in epoch 2, after epoch 1's checkpoint
+            raise RuntimeError("power cut")
+        return validate(self)
+
+    monkeypatch.setattr(Finetuner, "validate", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_finetune(p)
+    monkeypatch.setattr(Finetuner, "validate", validate)
+    (checkpoint,) = (project / ".checkpoints").glob("finetune-*/epoch-*")
+    assert checkpoint.name == "epoch-0000"
+    client = mlflow.MlflowClient()
+    (interrupted,) = client.search_runs(
+        [client.get_experiment_by_name("test").experiment_id],
+        "attributes.status = 'FAILED' and tags.stage = 'finetune'",
+    )
+    resumed = run_finetune(p)
+    assert resumed == interrupted.info.run_id and _run(resumed).info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(resumed, "epoch/loss")
+    assert [m.step for m in history] == [1, 2, 3]  # epoch 2 logged once, by the resumed run
+    assert [m.value for m in history] == expected_curve
+    got = load_file(str(project / "models/finetune/model.safetensors"))
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not list((project / ".checkpoints").glob("finetune-*/epoch-*"))
