@@ -27,6 +27,7 @@ import io
 import json
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +308,8 @@ class ShardStream(IterableDataset):
         if shard not in files:
             files[shard] = os.open(x.paths[shard], os.O_RDONLY)
         data = os.pread(files[shard], int(x.size[i]), int(x.offset[i]))
+        if self.transform is None and self.mode == "L" and (pixels := _pgm(data)) is not None:
+            return pixels
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert(self.mode)
             return np.asarray(img) if self.transform is None else self.transform(img)
@@ -324,6 +327,21 @@ class ShardStream(IterableDataset):
             "label": torch.from_numpy(self.index.label[ids]),
             "key": self.index.key[ids].tolist(),
         }
+
+
+_PGM_HEADER = re.compile(rb"P5\s+(\d+)\s+(\d+)\s+255\s")
+
+
+def _pgm(data: bytes) -> np.ndarray | None:
+    """A binary 8-bit PGM (what IDX sources become) as (H, W) uint8 without PIL, ~20x
+    faster; None for anything else (comments in the header too), which PIL then reads."""
+    m = _PGM_HEADER.match(data)
+    if m is None:
+        return None
+    w, h = int(m[1]), int(m[2])
+    if len(data) - m.end() < w * h:
+        return None
+    return np.frombuffer(data, np.uint8, count=w * h, offset=m.end()).reshape(h, w)
 
 
 class ShardLoader:

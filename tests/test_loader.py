@@ -209,3 +209,22 @@ def test_missing_shards_are_a_user_error(tmp_path):
     (folder / "train-000001.tar").unlink()
     with pytest.raises(UserError, match=r"missing: .*train-000001.tar"):
         build_loader(folder, "train", "eval", batch_size=4, img_size=8)
+
+
+def test_the_pgm_fast_path_reads_what_pil_reads_and_leaves_the_rest_to_pil():
+    import io
+
+    from PIL import Image
+
+    from pipeline.loader import _pgm
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buffer, format="PPM")  # "L" is written as P5 PGM
+    data = buffer.getvalue()
+    assert np.array_equal(_pgm(data), pixels)
+    assert _pgm(b"P5\n# a comment\n7 5\n255\n" + pixels.tobytes()) is None
+    assert _pgm(data[:-1]) is None  # truncated: PIL raises a clear error instead
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buffer, format="PNG")
+    assert _pgm(buffer.getvalue()) is None
