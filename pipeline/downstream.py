@@ -13,7 +13,14 @@ import torch
 
 from pipeline import reports, tracking
 from pipeline.classify import load_pretrained, save_classifier
-from pipeline.engine import Checkpoints, History, params_key, resolve_runtime, seed_everything
+from pipeline.engine import (
+    Checkpoints,
+    History,
+    params_key,
+    resolve_runtime,
+    rng_state,
+    seed_everything,
+)
 from pipeline.errors import UserError
 from pipeline.loader import build_loader, read_manifest
 from pipeline.params import Params, flatten
@@ -83,7 +90,7 @@ def run_downstream(t: Downstream) -> str:
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{stage}-{key}")
     start, run_id, best = 0, None, {"top1": -1.0, "epoch": 0, "state": None}
     if (latest := checkpoints.latest(d)) is not None:
-        meta = checkpoints.load(latest, t.model, t.optimizer, t.generator)
+        meta = checkpoints.load(latest, t.model, t.optimizer, t.generator, d.rank)
         t.history = History(meta["history"]["steps"], meta["history"]["epochs"])
         best = {"top1": meta["best_top1"], "epoch": meta["best_epoch"], "state": meta["tensors"]}
         start, run_id = meta["epoch"] + 1, meta["run_id"]
@@ -149,6 +156,7 @@ def run_downstream(t: Downstream) -> str:
             if summary["val_top1"] > best["top1"]:  # chosen on validation, never on test
                 state = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
                 best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
+            rngs = d.gather(rng_state())  # every rank's, for rank 0's checkpoint
             if not d.main:
                 continue
             checkpoints.save(
@@ -163,6 +171,7 @@ def run_downstream(t: Downstream) -> str:
                     "best_epoch": best["epoch"],
                 },
                 extra_tensors=best["state"],
+                rng_states=rngs,
             )
         if d.main:
             _write_outputs(t, run, best)

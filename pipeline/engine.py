@@ -112,10 +112,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"rng.torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's torch, CUDA, Python and NumPy RNG states: (tensors, JSON-able)."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors["cuda"] = torch.cuda.get_rng_state()
     py = random.getstate()
     np_state = np.random.get_state()
     meta = {
@@ -126,9 +127,9 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -167,9 +168,11 @@ class Checkpoints:
         generator: torch.Generator,
         extra: dict,
         extra_tensors: dict[str, torch.Tensor] | None = None,
+        rng_states: list[tuple[dict, dict]] | None = None,
     ) -> Path:
         """`extra` goes to JSON, `extra_tensors` (e.g. the best weights so far) beside the
-        model's; `load` returns both."""
+        model's; `load` returns both. `rng_states`: every rank's `rng_state()` (default:
+        this process's), so that each rank resumes its own random streams."""
         model_state = {
             f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
         }
@@ -177,13 +180,14 @@ class Checkpoints:
             f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()
         }
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        rng_tensors, rng_meta = _rng_state()
+        states = rng_states or [rng_state()]
         tensors = {
             **model_state,
             **{k: v.cpu() for k, v in opt_tensors.items()},
-            **rng_tensors,
+            **{f"rng.{r}.{k}": v for r, (t, _) in enumerate(states) for k, v in t.items()},
             "rng.masking": generator.get_state(),
         }
+        rng_meta = [m for _, m in states]
         meta = {"epoch": epoch, "optimizer": opt_meta, "rng": rng_meta, **extra}
         final = self.folder / f"epoch-{epoch:04d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -203,15 +207,19 @@ class Checkpoints:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
+        rank: int = 0,
     ) -> dict:
-        """Restore model, optimizer and RNG states in place; -> the JSON part."""
+        """Restore model, optimizer and RNG states (those of `rank`) in place; -> the JSON
+        part."""
         tensors = load_file(str(path / "state.safetensors"))
         meta = json.loads((path / "state.json").read_text())
         model.load_state_dict(
             {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         )
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-        _set_rng_state(tensors, meta["rng"])
+        prefix = f"rng.{rank}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        _set_rng_state(own, meta["rng"][rank])
         generator.set_state(tensors["rng.masking"])
         meta["tensors"] = {
             k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")

@@ -25,6 +25,7 @@ from pipeline.engine import (
     Runtime,
     params_key,
     resolve_runtime,
+    rng_state,
     schedule,
     seed_everything,
     wrap,
@@ -76,6 +77,7 @@ def run_pretrain(p: Params) -> str:
         fixed = _fixed_val_images(shards, manifest, trainer.model, p.runtime.seed) if main else None
         for epoch in range(start_epoch, pp.epochs):
             trainer.train_epoch(epoch, run)
+            rngs = rt.dist.gather(rng_state())  # every rank's, for rank 0's checkpoint
             if not main:
                 continue
             if (epoch + 1) % pp.recon_every == 0 and epoch + 1 < pp.epochs:
@@ -87,6 +89,7 @@ def run_pretrain(p: Params) -> str:
                 trainer.optimizer,
                 trainer.masking,
                 {"run_id": run.id, "history": trainer.history.__dict__},
+                rng_states=rngs,
             )
             log.info("checkpoint saved: %s", saved)
         if main:
@@ -145,7 +148,7 @@ class Pretrainer:
         latest = checkpoints.latest(self.rt.dist)
         if latest is None:
             return 0, None
-        meta = checkpoints.load(latest, self.model, self.optimizer, self.masking)
+        meta = checkpoints.load(latest, self.model, self.optimizer, self.masking, self.rt.dist.rank)
         self.history = History(meta["history"]["steps"], meta["history"]["epochs"])
         run_id = meta["run_id"]
         if self.rt.dist.main and not tracking.run_exists(run_id):

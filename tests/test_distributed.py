@@ -164,3 +164,24 @@ def test_a_failing_rank_stops_the_launch_with_one_line_and_a_non_zero_exit(tmp_p
         "mae-cli: error" in line and "no shards at nowhere" in line for line in errors
     )
     assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_keeps_the_random_streams_of_every_rank(tmp_path):
+    import random
+
+    import numpy as np
+
+    from pipeline.engine import Checkpoints, rng_state
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    states, draws = [], []
+    for seed in (1, 2):  # what ranks 0 and 1 hold when rank 0 writes the checkpoint
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        states.append(rng_state())
+        draws.append((torch.rand(3).tolist(), np.random.rand(), random.random()))
+    path = Checkpoints(tmp_path).save(0, model, optimizer, generator, {}, rng_states=states)
+    for rank in (1, 0):
+        Checkpoints(tmp_path).load(path, model, optimizer, generator, rank)
+        assert (torch.rand(3).tolist(), np.random.rand(), random.random()) == draws[rank]
