@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.loader import Augment, batches_per_epoch, build_loader, index_shards, rank_batches
+from pipeline.loader import Augment, batches_per_epoch, build_loader, rank_batches
 from pipeline.params import DataParams
 from pipeline.shard import run_shard
+from pipeline.tarindex import index_shards, pgm
 from tests.factory import idx_dataset, imagefolder, shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]  # 7 shards, 59 samples
@@ -216,15 +217,13 @@ def test_the_pgm_fast_path_reads_what_pil_reads_and_leaves_the_rest_to_pil():
 
     from PIL import Image
 
-    from pipeline.loader import _pgm
-
     pixels = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels, "L").save(buffer, format="PPM")  # "L" is written as P5 PGM
     data = buffer.getvalue()
-    assert np.array_equal(_pgm(data), pixels)
-    assert _pgm(b"P5\n# a comment\n7 5\n255\n" + pixels.tobytes()) is None
-    assert _pgm(data[:-1]) is None  # truncated: PIL raises a clear error instead
+    assert np.array_equal(pgm(data), pixels)
+    assert pgm(b"P5\n# a comment\n7 5\n255\n" + pixels.tobytes()) is None
+    assert pgm(data[:-1]) is None  # truncated: PIL raises a clear error instead
     buffer = io.BytesIO()
     Image.fromarray(pixels, "L").save(buffer, format="PNG")
-    assert _pgm(buffer.getvalue()) is None
+    assert pgm(buffer.getvalue()) is None
