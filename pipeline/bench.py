@@ -3,7 +3,6 @@ model FLOP utilisation, the asymmetric encoder's speed-up) and the data loader (
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ from mae import MAEConfig, mae_config
 from mae.flops import mae_step_flops
 from mae.model import MaskedAutoencoderViT, MaskTokensInEncoderMAE
 from mae.optim import build_adamw, pretrain_param_groups
+from pipeline.engine import Runtime
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
 # piece of `torch.cuda.get_device_name()`; the first match wins. --peak-tflops overrides.
@@ -169,11 +169,7 @@ def bench_train_step(
         overrides["in_chans"] = loader.manifest["channels"]
     cfg = mae_config(model_name, **overrides)
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-
-    def autocast():
-        if not bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    autocast = Runtime(dev, torch.bfloat16 if bf16 else None).autocast
 
     def batches() -> Iterator[torch.Tensor]:
         return _synthetic(cfg, batch_size, dev) if loader is None else _from_shards(loader, dev)

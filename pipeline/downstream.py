@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -89,29 +88,21 @@ def run_downstream(t: Downstream) -> str:
     )
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{stage}-{key}")
     start, run_id, best = 0, None, {"top1": -1.0, "epoch": 0, "state": None}
-    if (latest := checkpoints.latest(d)) is not None:
-        meta = checkpoints.load(latest, t.model, t.optimizer, t.generator, d.rank)
-        t.history = History(meta["history"]["steps"], meta["history"]["epochs"])
+    meta = checkpoints.resume(d, t.model, t.optimizer, t.generator, t.section.epochs)
+    if meta:
+        t.history = History(**meta["history"])
         best = {"top1": meta["best_top1"], "epoch": meta["best_epoch"], "state": meta["tensors"]}
         start, run_id = meta["epoch"] + 1, meta["run_id"]
-        run_id = run_id if d.main and tracking.run_exists(run_id) else None
-        log.info("resuming from %s (epoch %d of %d)", latest, start + 1, t.section.epochs)
-    tags = {
-        "stage": stage,
-        "git.commit": tracking.git_commit(tracking.project_root()),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        "data.manifest_digest": t.pre.manifest_digest,
-    }
-    name = f"{stage} mask={inherited.get('pretrain.mask_ratio', '?')}"
     with tracking.start_run(
         experiment_id,
-        run_name=name,
+        stage=stage,
+        digest=t.pre.manifest_digest,
+        run_name=f"{stage} mask={inherited.get('pretrain.mask_ratio', '?')}",
         run_id=run_id,
         parent_id=t.pre.run_id,
-        tags=tags,
         enabled=d.main,
     ) as run:
-        if run_id is None:
+        if not run.resumed:
             own = {f"{stage}.{k}": v for k, v in flatten(t.section).items()}
             runtime = {f"runtime.{k}": v for k, v in flatten(p.runtime).items()}
             run.log_params(

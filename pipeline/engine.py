@@ -37,9 +37,8 @@ class Diverged(UserError):
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # None: full fp32
-    dist: Dist = field(
-        default_factory=Dist
-    )  # this process's rank in a torchrun launch (one process: rank 0 of 1)
+    # this process's rank in a torchrun launch (one process: rank 0 of 1)
+    dist: Dist = field(default_factory=Dist)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -226,6 +225,23 @@ class Checkpoints:
         }
         return meta
 
+    def resume(
+        self,
+        d: Dist,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        epochs: int,
+    ) -> dict | None:
+        """Load the newest checkpoint into every rank, if there is one; -> its JSON part
+        (epoch, run_id, history, ...) or None."""
+        latest = self.latest(d)
+        if latest is None:
+            return None
+        meta = self.load(latest, model, optimizer, generator, d.rank)
+        log.info("resuming from %s (epoch %d of %d)", latest, meta["epoch"] + 2, epochs)
+        return meta
+
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -276,9 +292,8 @@ class EpochLoop:
         micro_steps = self.steps_per_epoch * self.accum_iter
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        total, count, images, start = 0.0, 0, 0, time.perf_counter()
+        losses, images, start = [], 0, time.perf_counter()  # losses stay on the device
         step, lr = epoch * self.steps_per_epoch, self.lr_fn(epoch)
-        first_bad = None  # the first micro-step with a non-finite loss, kept on the device
         for it, batch in enumerate(batches):
             if it >= micro_steps:
                 break  # a partial accumulation at the end of an epoch is not applied
@@ -289,10 +304,7 @@ class EpochLoop:
             with self._sync(last):
                 loss = forward(batch)
                 (loss / self.accum_iter).backward()
-            loss = loss.detach().float()
-            total, count = total + loss, count + 1
-            bad = torch.where(torch.isfinite(loss), -1, it)
-            first_bad = bad if first_bad is None else torch.where(first_bad < 0, bad, first_bad)
+            losses.append(loss.detach().float())
             images += len(batch["label"])
             if last:
                 if self.clip_grad is not None:
@@ -302,14 +314,14 @@ class EpochLoop:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % self.log_every == 0:
-                    value = self._mean(loss)
-                    self._check(value, epoch, first_bad)
+                    value = self._mean(losses[-1])
+                    self._check(value, epoch, losses)
                     history.append(
                         {"step": step, "epoch": epoch + it / micro_steps, "loss": value, "lr": lr}
                     )
                     run.log_metrics({"train/loss": value, "train/lr": lr}, step=step)
-        mean = self._mean(torch.as_tensor(total) / max(count, 1))
-        self._check(mean, epoch, first_bad)
+        mean = self._mean(torch.stack(losses).mean()) if losses else 0.0
+        self._check(mean, epoch, losses)
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch + 1,
@@ -325,14 +337,14 @@ class EpochLoop:
 
     def _mean(self, loss: torch.Tensor) -> float:
         """The mean over ranks (every rank calls this at the same step)."""
-        loss = loss.detach().float().clone()
-        return self.dist.sum(loss).item() / self.dist.world_size
+        return self.dist.sum(loss.clone()).item() / self.dist.world_size
 
-    def _check(self, value: float, epoch: int, first_bad: torch.Tensor | None) -> None:
-        """Stop on a non-finite mean loss, naming the first bad step (on any rank)."""
+    def _check(self, value: float, epoch: int, losses: list[torch.Tensor]) -> None:
+        """Stop on a non-finite mean loss, naming this rank's first bad micro-step."""
         if math.isfinite(value):
             return
-        it = int(first_bad.item()) if first_bad is not None else -1
+        bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+        it = int(bad[0]) if len(bad) else -1
         if it < 0:  # another rank's loss went bad; this rank's stayed finite
             where = f"in epoch {epoch + 1}"
         else:

@@ -12,6 +12,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from mae import MAEConfig
 from pipeline import reports, tracking
 from pipeline.classify import evaluate, load_classifier
 from pipeline.engine import resolve_runtime
@@ -58,8 +59,7 @@ def _evaluate_one(p: Params, run) -> dict:
             f"{config['manifest_digest'][:12]}; {shards} has {digest[:12]})"
         )
     rt = resolve_runtime(p.runtime)
-    img_size = config["model"]["img_size"]
-    img_size = img_size if isinstance(img_size, int) else img_size[0]
+    img_size = MAEConfig.from_dict(config["model"]).image_hw[0]
     loader = build_loader(
         shards, "test", "eval", batch_size=512, img_size=img_size, num_workers=p.runtime.num_workers
     )
@@ -70,13 +70,13 @@ def _evaluate_one(p: Params, run) -> dict:
         f"test/acc/{tracking.metric_name(c)}": a
         for c, a in zip(classes, result["per_class"], strict=True)
     }
-    tracking.log_to_run(run_id, metrics)
+    tracking.Run(run_id).log_metrics(metrics, step=0)
     png = reports.confusion_png(result["confusion"], classes, f"{stage} {run_id[:8]}")
-    tracking.log_artifact_to_run(run_id, png, "evaluation/confusion_matrix.png")
+    tracking.Run(run_id).log_bytes(png, "evaluation/confusion_matrix.png")
     parent = run.data.tags.get("mlflow.parentRunId")
     if parent:
-        tracking.log_to_run(
-            parent, {f"{stage}/test_top1": result["top1"], f"{stage}/test_top5": result["top5"]}
+        tracking.Run(parent).log_metrics(
+            {f"{stage}/test_top1": result["top1"], f"{stage}/test_top5": result["top5"]}, step=0
         )
     return {
         "run_id": run_id,

@@ -55,7 +55,7 @@ class Finetuner(Downstream):
                 f"finetune.batch_size {fp.batch_size} x accum_iter "
                 f"{fp.accum_iter} is larger than the train split"
             )
-        self.effective_batch = fp.batch_size * fp.accum_iter * self.loader.dataset.world_size
+        self.effective_batch = fp.batch_size * fp.accum_iter * self.rt.dist.world_size
         self.lr = absolute_lr(fp.blr, self.effective_batch)
         groups = finetune_param_groups(self.model, fp.weight_decay, fp.layer_decay)
         self.optimizer = build_adamw(groups, self.lr)

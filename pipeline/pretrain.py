@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -60,18 +59,19 @@ def run_pretrain(p: Params) -> str:
     pp = p.pretrain
     key = params_key(flatten(p.model), flatten(pp), flatten(p.runtime), digest, rt.dist.world_size)
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{STAGE}-{key}")
-    start_epoch, run_id = trainer.resume(checkpoints)
-    tags = {
-        "stage": STAGE,
-        "git.commit": tracking.git_commit(tracking.project_root()),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        "data.manifest_digest": digest,
-    }
-    name = f"{STAGE} mask={pp.mask_ratio}"
+    meta = checkpoints.resume(rt.dist, trainer.model, trainer.optimizer, trainer.masking, pp.epochs)
+    start_epoch, run_id = (meta["epoch"] + 1, meta["run_id"]) if meta else (0, None)
+    if meta:
+        trainer.history = History(**meta["history"])
     with tracking.start_run(
-        experiment_id, run_name=name, run_id=run_id, tags=tags, enabled=main
+        experiment_id,
+        stage=STAGE,
+        digest=digest,
+        run_name=f"{STAGE} mask={pp.mask_ratio}",
+        run_id=run_id,
+        enabled=main,
     ) as run:
-        if run_id is None:
+        if not run.resumed:
             run.log_params(trainer.run_params())
             run.log_dataset(shards / "manifest.json", digest, f"{p.data.source}/train", "training")
         fixed = _fixed_val_images(shards, manifest, trainer.model, p.runtime.seed) if main else None
@@ -124,8 +124,7 @@ class Pretrainer:
                 f"pretrain.batch_size {self.pp.batch_size} x accum_iter {self.pp.accum_iter} "
                 f"is larger than the train split ({manifest['splits']['train']['count']})"
             )
-        world = self.loader.dataset.world_size
-        self.effective_batch = self.pp.batch_size * self.pp.accum_iter * world
+        self.effective_batch = self.pp.batch_size * self.pp.accum_iter * rt.dist.world_size
         self.lr = absolute_lr(self.pp.blr, self.effective_batch)
         groups = pretrain_param_groups(self.model, self.pp.weight_decay)
         self.optimizer = build_adamw(groups, self.lr)
@@ -142,20 +141,6 @@ class Pretrainer:
             dist=rt.dist,
             ddp=ddp,
         )
-
-    def resume(self, checkpoints: Checkpoints) -> tuple[int, str | None]:
-        """Load the newest checkpoint, if any; -> (first epoch to train, run id to continue)."""
-        latest = checkpoints.latest(self.rt.dist)
-        if latest is None:
-            return 0, None
-        meta = checkpoints.load(latest, self.model, self.optimizer, self.masking, self.rt.dist.rank)
-        self.history = History(meta["history"]["steps"], meta["history"]["epochs"])
-        run_id = meta["run_id"]
-        if self.rt.dist.main and not tracking.run_exists(run_id):
-            log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
-            run_id = None
-        log.info("resuming from %s (epoch %d of %d)", latest, meta["epoch"] + 2, self.pp.epochs)
-        return meta["epoch"] + 1, run_id
 
     def run_params(self) -> dict:
         cfg = self.model.cfg

@@ -82,9 +82,8 @@ def _init_worker(ctx: _Context) -> None:
 
 
 def _idx_pixels(split: str, record: int) -> np.ndarray:
-    path, head, rows, cols = _CTX[0].idx_images[split]
+    path, head, complete, rows, cols = _CTX[0].idx_images[split]  # complete: no truncated tail
     if split not in _MEMMAPS:
-        complete = (Path(path).stat().st_size - head) // (rows * cols)  # a truncated tail
         _MEMMAPS[split] = np.memmap(path, np.uint8, "r", offset=head, shape=(complete, rows, cols))
     return np.asarray(_MEMMAPS[split][record])
 
@@ -173,7 +172,8 @@ def _write_chunk(chunk: Chunk) -> ChunkResult:
     for part in out.parts:
         path = Path(ctx.folder) / part["tmp"]
         part["bytes"] = path.stat().st_size
-        part["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as f:  # in pieces: a shard can be hundreds of MB
+            part["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
 
 

@@ -55,34 +55,32 @@ class Skipped:
 
 @dataclass
 class SourceListing:
-    kind: str
     classes: list[str]
     splits: dict[str, list[Input]]  # source split -> inputs, in a fixed order
     bad: list[Skipped] = field(default_factory=list)  # found while listing
     description: dict = field(default_factory=dict)  # for the manifest
-    idx_images: dict[str, tuple[str, int, int, int]] = field(default_factory=dict)
-    # split -> (decompressed images file, header bytes, rows, cols); idx only
+    idx_images: dict[str, tuple[str, int, int, int, int]] = field(default_factory=dict)
+    # split -> (decompressed images file, header bytes, complete images, rows, cols); idx only
 
 
-def _decompress(path: Path, dest: Path) -> tuple[str, bool]:
-    """Copy `path` (gzip or raw) to `dest` decompressed; -> (md5 of content, truncated)."""
+def _decompress(path: Path, dest: Path) -> str:
+    """Copy `path` (gzip or raw) to `dest` decompressed; -> the md5 of the content. A stream
+    that ends early keeps what was read (the file sizes then tell how much is missing)."""
     md5 = hashlib.md5()
     opener = gzip.open if path.suffix == ".gz" else open
-    truncated = False
     with opener(path, "rb") as src, open(dest, "wb") as out:
         while True:
             try:
                 chunk = src.read(1 << 20)
-            except (EOFError, gzip.BadGzipFile, OSError) as err:
-                if isinstance(err, gzip.BadGzipFile) or "CRC check failed" in str(err):
-                    raise UserError(f"{path}: not a valid gzip file ({err})") from None
-                truncated = True  # stream ended early: keep what was read
+            except gzip.BadGzipFile as err:  # a bad header or CRC
+                raise UserError(f"{path}: not a valid gzip file ({err})") from None
+            except (EOFError, OSError):
                 break
             if not chunk:
                 break
             md5.update(chunk)
             out.write(chunk)
-    return md5.hexdigest(), truncated
+    return md5.hexdigest()
 
 
 def _find(root: Path, stem: str) -> Path | None:
@@ -129,13 +127,12 @@ def list_idx(
             f"{what} not found in {root}: missing {', '.join(missing)}(.gz); "
             + (FASHION_MNIST_HELP if checksums else "set data.root")
         )
-    listing = SourceListing("idx", classes, {}, description={"root": str(root), "files": {}})
+    listing = SourceListing(classes, {}, description={"root": str(root), "files": {}})
     for split, prefix in IDX_SPLITS.items():
         images, labels = found[f"{prefix}-images-idx3-ubyte"], found[f"{prefix}-labels-idx1-ubyte"]
         raw_images, raw_labels = workdir / f"{prefix}-images.raw", workdir / f"{prefix}-labels.raw"
-        checks = {}
         for path, raw in ((images, raw_images), (labels, raw_labels)):
-            md5, truncated = _decompress(path, raw)
+            md5 = _decompress(path, raw)
             stem = path.name.removesuffix(".gz")
             if checksums and md5 != checksums[stem]:
                 raise UserError(
@@ -143,7 +140,6 @@ def list_idx(
                     f"{checksums[stem]} (Fashion-MNIST); {FASHION_MNIST_HELP}"
                 )
             listing.description["files"][path.name] = {"md5_content": md5}
-            checks[path] = truncated
         n_img, (rows, cols), img_head = _idx_header(images, raw_images, 0x00000803)
         n_lab, _, lab_head = _idx_header(labels, raw_labels, 0x00000801)
         have_img = (raw_images.stat().st_size - img_head) // (rows * cols)
@@ -167,13 +163,12 @@ def list_idx(
         for i in range(max(n_img, n_lab)):
             name = f"{images.name}#{i}"
             if i >= min(have_img, n_img) or i >= len(label_bytes):
-                reason = (
-                    "missing: file truncated"
-                    if i < min(n_img, n_lab)
-                    else "no matching label"
-                    if i < n_img
-                    else "no matching image"
-                )
+                if i < min(n_img, n_lab):
+                    reason = "missing: file truncated"
+                elif i < n_img:
+                    reason = "no matching label"
+                else:
+                    reason = "no matching image"
                 listing.bad.append(Skipped(split, name, reason))
             elif label_bytes[i] >= len(classes):
                 reason = f"label {label_bytes[i]} out of range (0-{len(classes) - 1})"
@@ -183,7 +178,7 @@ def list_idx(
             else:
                 inputs.append(Input(split, i, label_bytes[i], i, name))
         listing.splits[split] = inputs
-        listing.idx_images[split] = (str(raw_images), img_head, rows, cols)
+        listing.idx_images[split] = (str(raw_images), img_head, have_img, rows, cols)
     return listing
 
 
@@ -205,7 +200,7 @@ def list_imagefolder(root: Path, *, on_bad_input: str) -> SourceListing:
     classes = [p.name for p in _class_dirs(trees["train"])]
     if not classes:
         raise UserError(f"{trees['train']}: no class folders (expected <class>/<image> inside)")
-    listing = SourceListing("imagefolder", classes, {}, description={"root": str(root)})
+    listing = SourceListing(classes, {}, description={"root": str(root)})
     for split, tree in trees.items():
         inputs: list[Input] = []
         for class_dir in _class_dirs(tree):

@@ -24,13 +24,12 @@ IMAGE_EXTS = ("pgm", "png", "jpg")
 @dataclass(frozen=True)
 class ShardIndex:
     """Where each sample of a split lives: its shard, the byte range of its image, its
-    image format, label and key; one entry per sample id, from the tar headers."""
+    label and key; one entry per sample id, from the tar headers."""
 
     paths: list[str]
     shard: np.ndarray  # (n,) int32
     offset: np.ndarray  # (n,) int64: the image's first byte
     size: np.ndarray  # (n,) int64
-    ext: np.ndarray  # (n,) int8: index into IMAGE_EXTS
     label: np.ndarray  # (n,) int64
     key: np.ndarray  # (n,) str
 
@@ -91,13 +90,12 @@ def _index_shard(buf, path: str, shard: int, count: int, cols: dict[str, list]) 
         cols["shard"].append(shard)
         cols["offset"].append(members[ext][0])
         cols["size"].append(members[ext][1])
-        cols["ext"].append(IMAGE_EXTS.index(ext))
         cols["key"].append(key)
 
 
 def index_shards(paths: list[str], counts: list[int]) -> ShardIndex:
     """Read the headers (and the one-line labels) of `paths`; check them against `counts`."""
-    cols: dict[str, list] = {k: [] for k in ("shard", "offset", "size", "ext", "label", "key")}
+    cols: dict[str, list] = {k: [] for k in ("shard", "offset", "size", "label", "key")}
     for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             _index_shard(buf, path, i, count, cols)
@@ -106,7 +104,6 @@ def index_shards(paths: list[str], counts: list[int]) -> ShardIndex:
         np.array(cols["shard"], dtype=np.int32),
         np.array(cols["offset"], dtype=np.int64),
         np.array(cols["size"], dtype=np.int64),
-        np.array(cols["ext"], dtype=np.int8),
         np.array(cols["label"], dtype=np.int64),
         np.array(cols["key"], dtype=str),
     )

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -98,23 +97,26 @@ def run_exists(run_id: str) -> bool:
 
 
 class Run:
-    """The active MLflow run of a stage; every logging call of the stages goes through here."""
+    """One MLflow run, by id; every logging call of the stages and of `evaluate` goes
+    through here (on a finished run too: logging never changes a run's status)."""
 
-    def __init__(self, run: mlflow.ActiveRun) -> None:
-        self.id = run.info.run_id
+    def __init__(self, run_id: str, resumed: bool = False) -> None:
+        self.id = run_id
+        self.resumed = resumed  # continued from a checkpoint: params are logged already
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = mlflow.get_run(self.id).data.params
         fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
-        items = list(fresh.items())
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.log_params(fresh, run_id=self.id)  # MLflow sends it in batches of 100
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.id)
 
     def set_tags(self, tags: dict[str, str | None]) -> None:
-        mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+        from mlflow.entities import RunTag
+
+        kept = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        MlflowClient().log_batch(self.id, tags=kept)
 
     def log_bytes(self, data: bytes, artifact_path: str) -> None:
         """Write `data` as artifact `artifact_path` (e.g. "reconstructions/epoch_002.png")."""
@@ -124,12 +126,13 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_bytes(data)
-            mlflow.log_artifact(str(path), artifact_path=folder or None)
+            self.log_file(path, folder or None)
 
     def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+        mlflow.log_artifact(str(path), artifact_path=artifact_dir, run_id=self.id)
 
     def log_dataset(self, manifest_path: Path, digest: str, name: str, context: str) -> None:
+        """(The active run only: `mlflow.log_input` takes no run id.)"""
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
 
@@ -145,6 +148,7 @@ class NullRun:
     """What ranks other than 0 log to: nothing. Same methods as `Run`."""
 
     id = None
+    resumed = False
 
     def __getattr__(self, name: str):
         if not hasattr(Run, name):
@@ -158,29 +162,39 @@ def _param_value(v: Any) -> str:
 
 @contextmanager
 def start_run(
-    experiment_id: str,
+    experiment_id: str | None,
     *,
+    stage: str,
+    digest: str,
     run_name: str,
     run_id: str | None = None,
     parent_id: str | None = None,
-    tags: dict[str, str | None] | None = None,
     enabled: bool = True,
 ):
-    """Start (or, given `run_id`, continue) a run. MLflow marks it FAILED if the stage
-    raises; a killed process leaves it RUNNING, and the resumed stage continues it.
-    `enabled=False` (ranks other than 0) gives a `NullRun`: one run per training run."""
+    """Start a stage's run, or continue `run_id` (a checkpoint's) when the store still has
+    it; `run.resumed` says which. Tags: the stage, the manifest digest, the git commit and
+    `dvc.exp_name`. MLflow marks the run FAILED if the stage raises; a killed process leaves
+    it RUNNING, and the resumed stage continues it. `enabled=False` (ranks other than 0)
+    gives a `NullRun`: one run per training run."""
     if not enabled:
         yield NullRun()
         return
-    all_tags = dict(tags or {})
-    if parent_id:
-        all_tags["mlflow.parentRunId"] = parent_id
+    if run_id is not None and not run_exists(run_id):
+        log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
+        run_id = None
+    tags = {
+        "stage": stage,
+        "data.manifest_digest": digest,
+        "git.commit": git_commit(project_root()),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+        "mlflow.parentRunId": parent_id,
+    }
     kwargs = (
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
     )
     with mlflow.start_run(**kwargs) as active:
-        run = Run(active)
-        run.set_tags(all_tags)
+        run = Run(active.info.run_id, resumed=run_id is not None)
+        run.set_tags(tags)
         yield run
 
 
@@ -191,25 +205,6 @@ def get_run(run_id: str):
         return mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise UserError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None
-
-
-def log_to_run(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """Add metrics to any run (finished or not) without changing its status."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    MlflowClient().log_batch(
-        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-    )
-
-
-def log_artifact_to_run(run_id: str, data: bytes, artifact_path: str) -> None:
-    import tempfile
-
-    folder, name = os.path.split(artifact_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / name).write_bytes(data)
-        MlflowClient().log_artifact(run_id, str(Path(tmp) / name), folder or None)
 
 
 def child_runs(run_id: str, stages: tuple[str, ...]) -> list:
@@ -252,13 +247,9 @@ def log_shard_run(p, manifest: dict, manifest_path: Path, digest: str) -> str:
     from pipeline.params import flatten
 
     experiment_id = connect(p.tracking)
-    tags = {
-        "stage": "shard",
-        "git.commit": git_commit(project_root()),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        "data.manifest_digest": digest,
-    }
-    with start_run(experiment_id, run_name=f"shard {p.data.source}", tags=tags) as run:
+    with start_run(
+        experiment_id, stage="shard", digest=digest, run_name=f"shard {p.data.source}"
+    ) as run:
         run.log_params({f"data.{k}": v for k, v in flatten(p.data).items()})
         counts = {}
         for split, entry in manifest["splits"].items():
@@ -269,7 +260,7 @@ def log_shard_run(p, manifest: dict, manifest_path: Path, digest: str) -> str:
         counts["data/skipped"] = len(manifest["skipped"])
         run.log_metrics(counts)
         run.log_file(manifest_path)
-        run.log_dataset(manifest_path, digest, f"{p.data.source}", "source")
+        run.log_dataset(manifest_path, digest, p.data.source, "source")
         return run.id
 
 
