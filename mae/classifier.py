@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from mae.config import MAEConfig
@@ -42,21 +42,17 @@ def load_encoder(vit: VisionTransformer, state: dict[str, torch.Tensor]) -> None
     Only the head (and `fc_norm` under global pooling, whose `norm` is unused) may stay
     uninitialised; any other missing or unexpected key raises ValueError naming it.
     """
-    state = encoder_state_dict(state)
+    state = checkpoint_filter_fn(encoder_state_dict(state), vit)  # timm resamples pos_embed
     if isinstance(vit.fc_norm, nn.LayerNorm):  # global pooling: the encoder's norm is unused
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     own = vit.state_dict()
     wrong = [
         f"{k} {tuple(v.shape)} (ViT has {tuple(own[k].shape)})"
         for k, v in state.items()
-        if k in own and k != "pos_embed" and v.shape != own[k].shape
+        if k in own and v.shape != own[k].shape
     ]
     if wrong:
         raise ValueError(f"encoder weights do not fit the ViT: {'; '.join(wrong[:3])}")
-    if state["pos_embed"].shape != vit.pos_embed.shape:
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=1
-        )
     missing, unexpected = vit.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if missing or unexpected:

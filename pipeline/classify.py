@@ -32,18 +32,25 @@ def load_pretrained(folder: Path, shards: Path) -> Pretrained:
     if missing:
         raise UserError(f"no pretrained model: {missing[0]} is missing (run `dvc repro pretrain`)")
     config = json.loads(files[0].read_text())
-    digest = manifest_digest(shards)
-    if config["manifest_digest"] != digest:
-        raise UserError(
-            f"{folder} was pretrained on other shards (manifest digest "
-            f"{config['manifest_digest'][:12]}, {shards} has {digest[:12]})"
-        )
+    digest = check_shards(config, shards, str(folder))
     return Pretrained(
         MAEConfig.from_dict(config["model"]),
         load_file(str(files[1])),
         files[2].read_text().strip(),
         digest,
     )
+
+
+def check_shards(config: dict, shards: Path, what: str) -> str:
+    """The shards' manifest digest; UserError naming `what` unless the saved model's
+    `config` says it was trained on these very shards."""
+    digest = manifest_digest(shards)
+    if config["manifest_digest"] != digest:
+        raise UserError(
+            f"{what} was trained on other shards (manifest digest "
+            f"{config['manifest_digest'][:12]}; {shards} has {digest[:12]})"
+        )
+    return digest
 
 
 def classifier_config(

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from mae import MAEConfig
 from pipeline import reports, tracking
-from pipeline.classify import evaluate, load_classifier
+from pipeline.classify import check_shards, evaluate, load_classifier
 from pipeline.engine import resolve_runtime
 from pipeline.errors import UserError
-from pipeline.loader import build_loader, manifest_digest
+from pipeline.loader import build_loader
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,9 @@ def evaluate_run(p: Params, run_id: str) -> list[dict]:
 def _evaluate_one(p: Params, run) -> dict:
     run_id, stage = run.info.run_id, run.data.tags["stage"]
     shards = Path(p.data.shards)
-    digest = manifest_digest(shards)
     with tempfile.TemporaryDirectory() as tmp:
         model, config = load_classifier(tracking.download_model(run_id, Path(tmp)))
-    if config["manifest_digest"] != digest:
-        raise UserError(
-            f"run {run_id} was trained on other shards (manifest digest "
-            f"{config['manifest_digest'][:12]}; {shards} has {digest[:12]})"
-        )
+    check_shards(config, shards, f"run {run_id}")
     rt = resolve_runtime(p.runtime)
     img_size = MAEConfig.from_dict(config["model"]).image_hw[0]
     loader = build_loader(

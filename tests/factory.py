@@ -79,6 +79,13 @@ def imagefolder(
     return root
 
 
+def folder_params(tmp_path: Path, root: Path, **kw):
+    """DataParams for an ImageFolder at `root`, shards in `tmp_path`/shards."""
+    from pipeline.params import DataParams
+
+    return DataParams(source="imagefolder", root=str(root), shards=str(tmp_path / "shards"), **kw)
+
+
 def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
     """Shards `train-NNNNNN.tar` (and the same as `test-`) of the given, uneven sizes,
     with keys numbered globally, and a manifest.json like the shard stage writes."""

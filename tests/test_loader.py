@@ -14,7 +14,7 @@ from pipeline.loader import Augment, batches_per_epoch, build_loader, rank_batch
 from pipeline.params import DataParams
 from pipeline.shard import run_shard
 from pipeline.tarindex import index_shards, pgm
-from tests.factory import idx_dataset, imagefolder, shard_set
+from tests.factory import folder_params, idx_dataset, imagefolder, shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]  # 7 shards, 59 samples
 
@@ -170,14 +170,7 @@ def test_batches_have_the_configured_shape_and_normalisation(tmp_path):
 
 def test_rgb_imagefolder_of_mixed_sizes_loads_as_fixed_size_rgb(tmp_path):
     root = imagefolder(tmp_path / "imgs", {"a": 8, "b": 8})
-    p = DataParams(
-        source="imagefolder",
-        root=str(root),
-        shards=str(tmp_path / "shards"),
-        val_fraction=0.25,
-        test_fraction=0.25,
-        workers=0,
-    )
+    p = folder_params(tmp_path, root, val_fraction=0.25, test_fraction=0.25, workers=0)
     run_shard(p)
     aug = Augment(randaugment=True, reprob=0.25)
     for purpose in ("pretrain", "finetune", "eval"):

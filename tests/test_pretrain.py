@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.pretrain import run_pretrain
 from pipeline.shard import run_shard
-from tests.factory import idx_dataset
+from tests.factory import idx_dataset, run_cmd
 
 PARAMS = {
     "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
@@ -198,14 +198,7 @@ def _clean_env() -> dict[str, str]:
 def test_killed_run_resumes_the_same_mlflow_run_and_ends_with_the_same_weights(tmp_path):
     overrides = {"pretrain": {"epochs": 6}}
     reference = make_project(tmp_path / "reference", **overrides).parent
-    subprocess.run(
-        [_mae_cli(), "pretrain"],
-        env=_clean_env(),
-        cwd=reference,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_cmd(["mae-cli", "pretrain"], reference)
     killed = make_project(tmp_path / "killed", **overrides).parent
     proc = subprocess.Popen(
         [_mae_cli(), "pretrain"],
@@ -223,16 +216,7 @@ def test_killed_run_resumes_the_same_mlflow_run_and_ends_with_the_same_weights(t
     assert proc.returncode == -signal.SIGKILL
     (interrupted,) = _runs(killed)
     assert interrupted.info.status == "RUNNING"
-    resumed = subprocess.run(
-        [_mae_cli(), "pretrain"],
-        env=_clean_env(),
-        cwd=killed,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    assert "resuming from" in run_cmd(["mae-cli", "pretrain"], killed)  # exits 0
     (run,) = _runs(killed)  # the same run, continued and finished
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
     assert (killed / "models/pretrain/run_id").read_text().strip() == run.info.run_id

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.params import DataParams
 from pipeline.shard import run_shard
-from tests.factory import idx_dataset, imagefolder, write_idx
+from tests.factory import folder_params, idx_dataset, imagefolder, write_idx
 
 
 def idx_params(tmp_path: Path, **kw) -> DataParams:
@@ -102,14 +102,7 @@ def test_split_is_stratified_and_seeded(tmp_path):
 
 def test_imagefolder_keeps_jpeg_and_png_bytes_and_goes_rgb_when_any_image_is_colour(tmp_path):
     root = imagefolder(tmp_path / "imgs", {"cat": 10, "dog": 10})
-    p = DataParams(
-        source="imagefolder",
-        root=str(root),
-        shards=str(tmp_path / "shards"),
-        val_fraction=0.2,
-        test_fraction=0.2,
-        workers=2,
-    )
+    p = folder_params(tmp_path, root, val_fraction=0.2, test_fraction=0.2, workers=2)
     manifest = run_shard(p)
     assert manifest["classes"] == ["cat", "dog"] and manifest["channels"] == 3
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [12, 4, 4]
@@ -124,26 +117,14 @@ def test_imagefolder_keeps_jpeg_and_png_bytes_and_goes_rgb_when_any_image_is_col
 
 def test_imagefolder_of_grayscale_images_has_one_channel(tmp_path):
     root = imagefolder(tmp_path / "imgs", {"a": 4, "b": 4}, modes=("L",))
-    p = DataParams(
-        source="imagefolder",
-        root=str(root),
-        shards=str(tmp_path / "shards"),
-        val_fraction=0.25,
-        test_fraction=0.25,
-        workers=0,
-    )
+    p = folder_params(tmp_path, root, val_fraction=0.25, test_fraction=0.25, workers=0)
     assert run_shard(p)["channels"] == 1
 
 
 def test_imagefolder_with_split_subtrees_uses_them(tmp_path):
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         imagefolder(tmp_path / "imgs" / split, {"a": n, "b": n})
-    p = DataParams(
-        source="imagefolder",
-        root=str(tmp_path / "imgs"),
-        shards=str(tmp_path / "shards"),
-        workers=0,
-    )
+    p = folder_params(tmp_path, tmp_path / "imgs", workers=0)
     counts = {s: v["count"] for s, v in run_shard(p)["splits"].items()}
     assert counts == {"train": 12, "val": 4, "test": 6}
 
@@ -190,14 +171,7 @@ def _bad_imagefolder(tmp_path: Path, case: str) -> tuple[DataParams, str]:
     else:
         (root / "dog" / "notes.txt").write_text("hello")
         name, reason = str(root / "dog" / "notes.txt"), "unsupported file type"
-    p = DataParams(
-        source="imagefolder",
-        root=str(root),
-        shards=str(tmp_path / "shards"),
-        val_fraction=0.2,
-        test_fraction=0.2,
-        workers=2,
-    )
+    p = folder_params(tmp_path, root, val_fraction=0.2, test_fraction=0.2, workers=2)
     return p, f"{name}: {reason}"
 
 
