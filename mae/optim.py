@@ -7,7 +7,6 @@ iteration, honouring each group's `lr_scale` (layer-wise decay).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
@@ -55,18 +54,18 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
     )
 
 
-def lars_param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float):
-    """LARS as in MAE's linear probe: weights get decay and trust-ratio adaptation,
-    biases and other 1-d parameters get neither."""
-    params = [(n, p) for n, p in params if p.requires_grad]
+def lars_param_groups(model: nn.Module, weight_decay: float):
+    """LARS as in MAE's linear probe: trainable weights get decay and trust-ratio
+    adaptation, biases and other 1-d parameters get neither."""
+    params = [p for p in model.parameters() if p.requires_grad]
     return [
         {
-            "params": [p for _, p in params if p.ndim > 1],
+            "params": [p for p in params if p.ndim > 1],
             "weight_decay": weight_decay,
             "always_adapt": True,
         },
         {
-            "params": [p for _, p in params if p.ndim <= 1],
+            "params": [p for p in params if p.ndim <= 1],
             "weight_decay": 0.0,
             "always_adapt": False,
         },
@@ -77,7 +76,7 @@ def build_lars(
     model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
 ) -> Lars:
     """timm's LARS (trust coefficient 0.001) over the trainable parameters of `model`."""
-    groups = [g for g in lars_param_groups(model.named_parameters(), weight_decay) if g["params"]]
+    groups = [g for g in lars_param_groups(model, weight_decay) if g["params"]]
     return Lars(groups, lr=lr, momentum=momentum, trust_coeff=0.001)
 
 

@@ -13,9 +13,9 @@ COLUMNS = ("finetune/test_top1", "linprobe/test_top1", "pretrain/loss")
 
 
 def compare_rows(p: Params) -> list[dict]:
-    tracking.connect(p.tracking)
+    experiment_id = tracking.connect(p.tracking)
     rows = []
-    for run in tracking.stage_runs(p.tracking.experiment, "pretrain"):
+    for run in tracking.stage_runs(experiment_id, "pretrain"):
         ratio = run.data.params.get("pretrain.mask_ratio")
         if ratio is None:
             continue

@@ -30,7 +30,7 @@ def evaluate_run(p: Params, run_id: str) -> list[dict]:
     run = tracking.get_run(run_id)
     stage = run.data.tags.get("stage")
     if stage == "pretrain":
-        children = tracking.child_runs(run_id, DOWNSTREAM)
+        children = tracking.child_runs(run, DOWNSTREAM)
         if not children:
             raise UserError(f"pretrain run {run_id} has no finetune or linprobe run to evaluate")
         log.info(

@@ -207,12 +207,12 @@ def get_run(run_id: str):
         raise UserError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None
 
 
-def child_runs(run_id: str, stages: tuple[str, ...]) -> list:
-    run = get_run(run_id)
+def child_runs(run, stages: tuple[str, ...]) -> list:
+    """The children of `run` (an MLflow run) of the given stages."""
     children = mlflow.search_runs(
         experiment_ids=[run.info.experiment_id],
         output_format="list",
-        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
     )
     return [c for c in children if c.data.tags.get("stage") in stages]
 
@@ -231,12 +231,9 @@ def download_model(run_id: str, dst: Path) -> Path:
     return folder
 
 
-def stage_runs(experiment: str, stage: str) -> list:
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return []
+def stage_runs(experiment_id: str, stage: str) -> list:
     return mlflow.search_runs(
-        experiment_ids=[found.experiment_id],
+        experiment_ids=[experiment_id],
         output_format="list",
         filter_string=f"tags.stage = '{stage}'",
     )
