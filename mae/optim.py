@@ -80,6 +80,12 @@ def build_lars(
     return Lars(groups, lr=lr, momentum=momentum, trust_coeff=0.001)
 
 
-def build_adamw(param_groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95), the MAE pretraining and fine-tuning setting."""
-    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95))
+PRETRAIN_BETAS = (0.9, 0.95)  # the paper's pretraining table (Table 8)
+FINETUNE_BETAS = (0.9, 0.999)  # the paper's fine-tuning table (Table 9), official main_finetune
+
+
+def build_adamw(
+    param_groups: list[dict], lr: float, betas: tuple[float, float] = PRETRAIN_BETAS
+) -> torch.optim.AdamW:
+    """AdamW; pretraining uses betas (0.9, 0.95), fine-tuning (0.9, 0.999)."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)

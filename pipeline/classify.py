@@ -96,6 +96,18 @@ def load_classifier(folder: Path) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
+def encode_split(loader, encode, device: torch.device, dist: Dist = Dist()):
+    """A split's features and labels: each rank encodes its share (`encode`: a batch of
+    images on `device` -> (n, D)), and every rank gets them all. -> (features, labels)."""
+    feats, labels = [], []
+    for batch in loader:
+        feats.append(encode(batch["image"].to(device, non_blocking=True)).float().cpu())
+        labels.append(batch["label"])
+    shares = dist.gather((torch.cat(feats), torch.cat(labels)))
+    return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
+
+
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     loader,

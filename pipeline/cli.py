@@ -75,6 +75,8 @@ def _train(stage: str, params: Path) -> None:
         from pipeline.pretrain import run_pretrain as run
     elif stage == "finetune":
         from pipeline.finetune import run_finetune as run
+    elif stage == "scratch":
+        from pipeline.scratch import run_scratch as run
     else:
         from pipeline.linprobe import run_linprobe as run
     try:
@@ -95,6 +97,12 @@ def pretrain(params: Path = PARAMS) -> None:
 def finetune(params: Path = PARAMS) -> None:
     """Fine-tune the pretrained encoder as a classifier -> models/finetune/, MLflow child run."""
     _train("finetune", params)
+
+
+@app.command()
+def scratch(params: Path = PARAMS) -> None:
+    """The control: finetune's recipe from a random encoder -> models/scratch/, MLflow run."""
+    _train("scratch", params)
 
 
 @app.command()
@@ -132,17 +140,25 @@ def evaluate(
 def compare(
     params: Path = PARAMS,
     out: Path = typer.Option(Path("plots/compare.png"), help="Where to write the plot."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
-    """Mask ratio vs finetune/linprobe test top-1 across the tracked pretrain runs."""
+    """Mask ratio vs finetune/linprobe/scratch test top-1 and mae_gain across the tracked
+    pretrain runs; runs that differ in more than the mask ratio form separate series."""
+    import json
+
     from pipeline.compare import compare_rows, format_rows, plot_rows
     from pipeline.params import load_params
 
     rows = compare_rows(load_params(params))
     if not rows:
         raise UserError("no pretrain runs in the experiment yet (run `dvc repro`)")
-    typer.echo(format_rows(rows))
     plot_rows(rows, out)
-    typer.echo(f"plot: {out}")
+    if as_json:
+        nan_free = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]
+        typer.echo(json.dumps(nan_free, indent=2))
+    else:
+        typer.echo(format_rows(rows))
+        typer.echo(f"plot: {out}")
 
 
 @app.command()

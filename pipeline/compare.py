@@ -1,66 +1,153 @@
 """Mask ratio against downstream accuracy across the tracked pretrain runs (the shape of
-the paper's Figure 5): a table and a PNG."""
+the paper's Figure 5): a table, JSON and a PNG.
+
+Like is compared with like: runs that differ in anything but the mask ratio (epochs,
+model, recipe, data digest, code commit) fall into separate series, and the table names
+what differs between them.
+"""
 
 from __future__ import annotations
 
 import math
+import string
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.params import Params
 
-COLUMNS = ("finetune/test_top1", "linprobe/test_top1", "pretrain/loss")
+COLUMNS = (
+    "finetune/test_top1",
+    "linprobe/test_top1",
+    "scratch/test_top1",
+    "mae_gain",
+    "pretrain/knn_top1",
+    "pretrain/loss",
+)
+HEADERS = ("finetune", "linprobe", "scratch", "gain", "k-NN", "loss")
+# Params that do not change what a run computes, or that the mask ratio derives.
+NOT_A_SETTING = (
+    "pretrain.mask_ratio",
+    "pretrain.patches_kept",
+    "pretrain.log_every",
+    "pretrain.recon_every",
+    "pretrain.probe_every",
+    "finetune.log_every",
+    "linprobe.log_every",
+    "data.workers",
+    "runtime.num_workers",
+    "runtime.nproc",
+    "tracking.",
+    "paths.",
+)
+TAGS = ("data.manifest_digest", "git.commit")
+
+
+def _setting(run) -> dict[str, str]:
+    params = {k: v for k, v in run.data.params.items() if not k.startswith(NOT_A_SETTING)}
+    return params | {t: run.data.tags.get(t, "") for t in TAGS}
 
 
 def compare_rows(p: Params) -> list[dict]:
+    """One row per pretrain run with its downstream test top-1, scratch control, gain and
+    k-NN; `series` groups the runs that share every setting but the mask ratio, `differs`
+    says what sets each series apart."""
     experiment_id = tracking.connect(p.tracking)
+    runs = [
+        r
+        for r in tracking.stage_runs(experiment_id, "pretrain")
+        if "pretrain.mask_ratio" in r.data.params
+    ]
+    settings = [_setting(r) for r in runs]
+    keys = sorted({k for s in settings for k in s})
+    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    series: dict[tuple, str] = {}
     rows = []
-    for run in tracking.stage_runs(experiment_id, "pretrain"):
-        ratio = run.data.params.get("pretrain.mask_ratio")
-        if ratio is None:
-            continue
+    for run, setting in sorted(
+        zip(runs, settings, strict=True), key=lambda x: x[0].info.start_time
+    ):
+        differs = {k: setting.get(k, "") for k in varying}
+        name = series.setdefault(tuple(differs.items()), string.ascii_uppercase[len(series) % 26])
         rows.append(
             {
-                "mask_ratio": float(ratio),
+                "series": name,
+                "mask_ratio": float(run.data.params["pretrain.mask_ratio"]),
                 "run_id": run.info.run_id,
                 "status": run.info.status,
+                "start_time": run.info.start_time,
                 "dvc_exp": run.data.tags.get("dvc.exp_name", ""),
                 **{c: run.data.metrics.get(c, math.nan) for c in COLUMNS},
+                "differs": differs,
             }
         )
-    return sorted(rows, key=lambda r: (r["mask_ratio"], r["run_id"]))
+    return sorted(rows, key=lambda r: (r["series"], r["mask_ratio"], r["start_time"]))
+
+
+def _cell(value: float, column: str) -> str:
+    if math.isnan(value):
+        return "-"
+    if column == "mae_gain":
+        return f"{100 * value:+.2f}"
+    return f"{value:.4f}" if column == "pretrain/loss" else f"{100 * value:.2f}"
 
 
 def format_rows(rows: list[dict]) -> str:
+    """The table (accuracies in %, gain in points), then what sets each series apart."""
     lines = [
-        f"{'mask':>5}  {'finetune top-1':>14}  {'linprobe top-1':>14}  {'pretrain loss':>13}"
-        f"  {'run':<32}  {'dvc exp'}"
+        f"{'series':<6}  {'mask':>5}  "
+        + "  ".join(f"{h:>8}" for h in HEADERS)
+        + f"  {'status':<8}  {'run':<32}  dvc exp"
     ]
     for r in rows:
-        cells = [f"{r[c]:.4f}" if not math.isnan(r[c]) else "-" for c in COLUMNS]
+        cells = "  ".join(f"{_cell(r[c], c):>8}" for c in COLUMNS)
         lines.append(
-            f"{r['mask_ratio']:>5.2f}  {cells[0]:>14}  {cells[1]:>14}  {cells[2]:>13}"
+            f"{r['series']:<6}  {r['mask_ratio']:>5.2f}  {cells}  {r['status']:<8}"
             f"  {r['run_id']:<32}  {r['dvc_exp']}"
         )
+    names = sorted({r["series"] for r in rows})
+    lines.append("")
+    if len(names) == 1:
+        lines.append(f"series {names[0]}: every run shares all settings but the mask ratio")
+    else:
+        lines.append("series differ in more than the mask ratio; each is compared on its own:")
+        for name in names:
+            differs = next(r["differs"] for r in rows if r["series"] == name)
+            text = ", ".join(f"{k}={_short(k, v)}" for k, v in differs.items())
+            lines.append(f"  {name}: {text}")
     return "\n".join(lines)
 
 
+def _short(key: str, value: str) -> str:
+    return value[:10] if key in TAGS else value
+
+
 def plot_rows(rows: list[dict], path: Path) -> None:
+    """Fine-tuning (solid), linear probing (dashed) and scratch (dotted) test top-1
+    against the mask ratio, one colour per series; a re-run ratio shows its newest run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for column, label in ((COLUMNS[0], "fine-tuning"), (COLUMNS[1], "linear probing")):
-        points = sorted((r["mask_ratio"], r[column]) for r in rows if not math.isnan(r[column]))
-        if points:
-            ax.plot([x for x, _ in points], [100 * y for _, y in points], "o-", label=label)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ((COLUMNS[0], "o-", "fine-tuning"), (COLUMNS[1], "s--", "linear probing"))
+    styles += ((COLUMNS[2], ":", "scratch"),)
+    for i, name in enumerate(sorted({r["series"] for r in rows})):
+        newest = {r["mask_ratio"]: r for r in rows if r["series"] == name}  # rows sorted by time
+        for column, style, label in styles:
+            points = sorted((x, r[column]) for x, r in newest.items() if not math.isnan(r[column]))
+            if points:
+                ax.plot(
+                    [x for x, _ in points],
+                    [100 * y for _, y in points],
+                    style,
+                    color=f"C{i}",
+                    label=f"{label} [{name}]",
+                )
     ax.set_xlabel("masking ratio")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("Masking ratio vs downstream accuracy")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -1,6 +1,7 @@
-"""The skeleton of the downstream stages (finetune, linprobe): a child MLflow run of the
-pretrain run, epochs with validation top-1, the best model kept, resumable checkpoints,
-and the outputs every stage writes."""
+"""The skeleton of the downstream stages (finetune, linprobe, scratch): an MLflow run (a
+child of the pretrain run; scratch's is its own, shared by every pretrain run it controls),
+epochs with validation top-1, the best model kept, resumable checkpoints, and the outputs
+every stage writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline import reports, tracking
-from pipeline.classify import load_pretrained, save_classifier
+from pipeline.classify import Pretrained, load_pretrained, save_classifier
 from pipeline.engine import (
     Checkpoints,
     History,
@@ -19,6 +20,7 @@ from pipeline.engine import (
     resolve_runtime,
     rng_state,
     seed_everything,
+    seed_rank,
 )
 from pipeline.errors import UserError
 from pipeline.loader import build_loader, read_manifest
@@ -32,14 +34,15 @@ class Downstream:
     `validate` and `derived_params`."""
 
     stage = ""
+    section_name = ""  # the params.yaml section it reads; default: the stage's name
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     config: dict
 
     def __init__(self, p: Params) -> None:
         self.p = p
-        self.pre = pre = load_pretrained(Path(p.paths.models) / "pretrain", Path(p.data.shards))
-        self.section = getattr(p, self.stage)
+        self.pre = pre = self.encoder(p)
+        self.section = getattr(p, self.section_name or self.stage)
         self.rt = resolve_runtime(p.runtime)
         seed_everything(p.runtime.seed)
         shards = Path(p.data.shards)
@@ -61,6 +64,10 @@ class Downstream:
         self.generator = torch.Generator().manual_seed(p.runtime.seed)  # crops, shuffles
         self.history = History()
 
+    def encoder(self, p: Params) -> Pretrained:
+        """Where the encoder starts: the pretrain stage's output."""
+        return load_pretrained(Path(p.paths.models) / "pretrain", Path(p.data.shards))
+
     def train_epoch(self, epoch: int, run) -> dict:
         raise NotImplementedError
 
@@ -77,17 +84,18 @@ def run_downstream(t: Downstream) -> str:
     experiment_id, inherited = None, {}
     if d.main:  # rank 0 alone talks to MLflow
         experiment_id = tracking.connect(p.tracking)
-        parent = tracking.get_run(t.pre.run_id)
-        inherited = {
-            k: v
-            for k, v in parent.data.params.items()
-            if k.startswith(("pretrain.", "model.", "data."))
-        }
+        inherited = _inherited_params(t)
     key = params_key(
-        flatten(t.section), flatten(p.runtime), t.pre.run_id, t.pre.manifest_digest, d.world_size
+        flatten(t.section),
+        flatten(p.runtime),
+        t.pre.cfg.to_dict(),
+        t.pre.run_id,
+        t.pre.manifest_digest,
+        d.world_size,
     )
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{stage}-{key}")
     start, run_id, best = 0, None, {"top1": -1.0, "epoch": 0, "state": None}
+    seed_rank(p.runtime.seed, d)  # a checkpoint's own streams replace these on resume
     meta = checkpoints.resume(d, t.model, t.optimizer, t.generator, t.section.epochs)
     if meta:
         t.history = History(**meta["history"])
@@ -97,7 +105,7 @@ def run_downstream(t: Downstream) -> str:
         experiment_id,
         stage=stage,
         digest=t.pre.manifest_digest,
-        run_name=f"{stage} mask={inherited.get('pretrain.mask_ratio', '?')}",
+        run_name=_run_name(stage, inherited),
         run_id=run_id,
         parent_id=t.pre.run_id,
         enabled=d.main,
@@ -111,7 +119,7 @@ def run_downstream(t: Downstream) -> str:
                     **own,
                     **runtime,
                     **t.derived_params(),
-                    "pretrain.run_id": t.pre.run_id,
+                    "pretrain.run_id": t.pre.run_id or "none (random init)",
                 }
             )
             shards = Path(p.data.shards)
@@ -168,6 +176,22 @@ def run_downstream(t: Downstream) -> str:
             _write_outputs(t, run, best)
             checkpoints.clear()
     return run.id
+
+
+def _inherited_params(t: Downstream) -> dict:
+    """The pretrain run's data, model and pretrain params, so either run compares mask
+    ratios; from a random init, the model's config alone."""
+    if t.pre.run_id is None:
+        model = {f"model.{k}": v for k, v in t.pre.cfg.to_dict().items()}
+        return {"model.name": t.p.model.name, **model}
+    parent = tracking.get_run(t.pre.run_id)
+    prefixes = ("pretrain.", "model.", "data.")
+    return {k: v for k, v in parent.data.params.items() if k.startswith(prefixes)}
+
+
+def _run_name(stage: str, inherited: dict) -> str:
+    ratio = inherited.get("pretrain.mask_ratio")
+    return f"{stage} mask={ratio}" if ratio is not None else f"{stage} (random init)"
 
 
 def _write_outputs(t: Downstream, run, best: dict) -> None:

@@ -83,6 +83,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_rank(seed: int, d: Dist) -> None:
+    """Once the model is built (the same weights on every rank), give each rank its own
+    global streams, seed + rank as the official code: drop path, Mixup/CutMix lambdas and
+    boxes then differ between ranks, as they would between the samples of one big batch.
+    Masks and crops come from the stages' own generators, drawn for the global batch, so
+    they stay the same whatever the number of ranks."""
+    seed_everything(seed + d.rank)
+
+
 def params_key(*parts: Any) -> str:
     """A short digest of everything that determines a training run's result."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

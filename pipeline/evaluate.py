@@ -21,30 +21,49 @@ from pipeline.loader import build_loader
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
-DOWNSTREAM = ("finetune", "linprobe")
+DOWNSTREAM = ("finetune", "linprobe", "scratch")
 
 
 def evaluate_run(p: Params, run_id: str) -> list[dict]:
-    """Evaluate a finetune or linprobe run, or every such child of a pretrain run."""
+    """Evaluate a finetune, linprobe or scratch run, or a pretrain run's children and the
+    scratch control it names (then `mae_gain` too)."""
     tracking.connect(p.tracking)
     run = tracking.get_run(run_id)
     stage = run.data.tags.get("stage")
     if stage == "pretrain":
-        children = tracking.child_runs(run, DOWNSTREAM)
-        if not children:
+        runs = tracking.child_runs(run, DOWNSTREAM)
+        if not runs:
             raise UserError(f"pretrain run {run_id} has no finetune or linprobe run to evaluate")
-        log.info(
-            "run %s is a pretrain run: evaluating its %d finetune/linprobe run(s)",
-            run_id,
-            len(children),
-        )
-        return [_evaluate_one(p, child) for child in children]
+        control = run.data.tags.get(tracking.SCRATCH_TAG)
+        if control:
+            runs.append(tracking.get_run(control))
+        log.info("run %s is a pretrain run: evaluating %d run(s)", run_id, len(runs))
+        return with_gain([_evaluate_one(p, r) for r in runs])
     if stage not in DOWNSTREAM:
         raise UserError(
             f"run {run_id} is a {stage or 'untagged'} run; give a finetune, "
-            "linprobe or pretrain run"
+            "linprobe, scratch or pretrain run"
         )
     return [_evaluate_one(p, run)]
+
+
+def with_gain(results: list[dict]) -> list[dict]:
+    """With a scratch result: `mae_gain` (finetune test top-1 minus scratch's) added to each
+    finetune result and logged to its pretrain run, which then names its control."""
+    controls = [r for r in results if r["stage"] == "scratch"]
+    if not controls:
+        return results
+    control = controls[-1]
+    for tuned in (r for r in results if r["stage"] == "finetune"):
+        tuned["mae_gain"] = tuned["top1"] - control["top1"]
+        tuned["scratch_run_id"] = control["run_id"]
+        if tuned["parent_run_id"]:
+            parent = tracking.Run(tuned["parent_run_id"])
+            parent.log_metrics(
+                {"scratch/test_top1": control["top1"], "mae_gain": tuned["mae_gain"]}, step=0
+            )
+            parent.set_tags({tracking.SCRATCH_TAG: control["run_id"]})
+    return results
 
 
 def _evaluate_one(p: Params, run) -> dict:
@@ -84,14 +103,17 @@ def _evaluate_one(p: Params, run) -> dict:
 
 
 def evaluate_stage(p: Params) -> list[dict]:
-    """The DVC stage: the finetune and linprobe models of this workspace -> evaluate.json."""
+    """The DVC stage: this workspace's finetune, linprobe and scratch models ->
+    evaluate.json, with `mae_gain`."""
     results = []
     for stage in DOWNSTREAM:
         path = Path(p.paths.models) / stage / "run_id"
         if not path.is_file():
             raise UserError(f"{path} is missing (run `dvc repro {stage}`)")
         results += evaluate_run(p, path.read_text().strip())
+    results = with_gain(results)
     metrics = {f"{r['stage']}_{k}": r[k] for r in results for k in ("top1", "top5")}
+    metrics["mae_gain"] = results[0]["mae_gain"]
     reports.write_metrics(Path(p.paths.metrics) / "evaluate.json", metrics)
     return results
 
@@ -103,6 +125,13 @@ def format_result(r: dict) -> str:
     lines = [
         f"{r['stage']} run {r['run_id']}: test top-1 {r['top1']:.4f}, "
         f"top-5 {r['top5']:.4f} on {r['count']:,} images",
+    ]
+    if "mae_gain" in r:
+        lines.append(
+            f"mae_gain {100 * r['mae_gain']:+.2f} points over the scratch control "
+            f"(run {r['scratch_run_id']})"
+        )
+    lines += [
         "",
         f"{'class':<{width}}  accuracy",
     ]

@@ -12,7 +12,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mae import build_classifier
-from mae.optim import absolute_lr, build_adamw, finetune_param_groups
+from mae.optim import FINETUNE_BETAS, absolute_lr, build_adamw, finetune_param_groups
 from pipeline import tracking
 from pipeline.classify import classifier_config, evaluate
 from pipeline.downstream import Downstream, run_downstream
@@ -58,7 +58,7 @@ class Finetuner(Downstream):
         self.effective_batch = fp.batch_size * fp.accum_iter * self.rt.dist.world_size
         self.lr = absolute_lr(fp.blr, self.effective_batch)
         groups = finetune_param_groups(self.model, fp.weight_decay, fp.layer_decay)
-        self.optimizer = build_adamw(groups, self.lr)
+        self.optimizer = build_adamw(groups, self.lr, FINETUNE_BETAS)
         self.mixup = None
         if fp.mixup > 0 or fp.cutmix > 0:  # mixup/cutmix make soft targets, smoothing inside
             self.mixup = Mixup(
@@ -83,7 +83,9 @@ class Finetuner(Downstream):
             dist=self.rt.dist,
             ddp=ddp,
         )
-        self.config = classifier_config(STAGE, pre.cfg, self.manifest, pre.manifest_digest, "avg")
+        self.config = classifier_config(
+            self.stage, pre.cfg, self.manifest, pre.manifest_digest, "avg"
+        )
 
     def derived_params(self) -> dict:
         return {"finetune.lr": self.lr, "finetune.effective_batch": self.effective_batch}

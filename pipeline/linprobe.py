@@ -13,7 +13,7 @@ import torch
 from mae import build_linear_probe
 from mae.optim import absolute_lr, build_lars
 from pipeline import tracking
-from pipeline.classify import classifier_config
+from pipeline.classify import classifier_config, encode_split
 from pipeline.downstream import Downstream, run_downstream
 from pipeline.engine import EpochLoop, schedule, wrap
 from pipeline.errors import UserError
@@ -49,8 +49,11 @@ class LinearProber(Downstream):
             seed=p.runtime.seed,
         )
         self.model.eval()  # the encoder never trains; the head switches modes itself
-        self.train_cache = None if lp.augment else self._features(self.loader)
-        self.val_cache = self._features(self.val_loader)
+        # each rank encodes its share of a split, and every rank gets all its features
+        rt = self.rt
+        train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
+        self.train_cache = train
+        self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
         world = self.rt.dist.world_size
         self.global_batch = lp.batch_size * world
         steps = len(self.loader) if lp.augment else len(self.train_cache[1]) // self.global_batch
@@ -93,16 +96,6 @@ class LinearProber(Downstream):
         m = self.model
         with self.rt.autocast():
             return m.forward_head(m.forward_features(imgs), pre_logits=True).float()
-
-    def _features(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's features and labels in order: each rank encodes its share, and every
-        rank gets them all."""
-        feats, labels = [], []
-        for batch in loader:
-            feats.append(self._encode(batch["image"].to(self.rt.device)).cpu())
-            labels.append(batch["label"])
-        shares = self.rt.dist.gather((torch.cat(feats), torch.cat(labels)))
-        return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
 
     def _cached_batches(self, epoch: int):
         """Full global batches in an order drawn on every rank alike; this rank's rows."""

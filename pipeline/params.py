@@ -86,11 +86,17 @@ class PretrainParams:
     clip_grad: float | None = None  # max gradient norm; null = no clipping
     log_every: int = 10  # optimizer steps between train/loss, train/lr points
     recon_every: int = 2  # epochs between reconstruction grids (and one at the end)
+    probe_every: int = 4  # epochs between k-NN probes on val (and one at the end); 0: off
+    knn_k: int = 20  # neighbours that vote
+    knn_t: float = 0.07  # vote weight exp(cosine similarity / knn_t)
 
     def __post_init__(self) -> None:
         _require(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
         _common_checks(self)
         _require(self.recon_every >= 1, "recon_every", "must be at least 1")
+        _require(self.probe_every >= 0, "probe_every", "must be 0 (off) or more")
+        _require(self.knn_k >= 1, "knn_k", "must be at least 1")
+        _require(self.knn_t > 0, "knn_t", "must be positive")
 
 
 @dataclass(frozen=True)

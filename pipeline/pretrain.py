@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from mae import MaskedAutoencoderViT, keep_count, mae_config
+from mae.knn import knn_predict, pooled_features
 from mae.optim import absolute_lr, build_adamw, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
 from pipeline import reports, tracking
+from pipeline.classify import encode_split
 from pipeline.engine import (
     Checkpoints,
     EpochLoop,
@@ -27,6 +30,7 @@ from pipeline.engine import (
     rng_state,
     schedule,
     seed_everything,
+    seed_rank,
     wrap,
 )
 from pipeline.errors import UserError
@@ -59,6 +63,7 @@ def run_pretrain(p: Params) -> str:
     pp = p.pretrain
     key = params_key(flatten(p.model), flatten(pp), flatten(p.runtime), digest, rt.dist.world_size)
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{STAGE}-{key}")
+    seed_rank(p.runtime.seed, rt.dist)  # a checkpoint's own streams replace these on resume
     meta = checkpoints.resume(rt.dist, trainer.model, trainer.optimizer, trainer.masking, pp.epochs)
     start_epoch, run_id = (meta["epoch"] + 1, meta["run_id"]) if meta else (0, None)
     if meta:
@@ -130,6 +135,7 @@ class Pretrainer:
         self.optimizer = build_adamw(groups, self.lr)
         self.masking = torch.Generator().manual_seed(p.runtime.seed)  # masks and crops
         self.history = History()
+        self.probe = KnnProbe(p, shards, manifest, self.model, rt) if self.pp.probe_every else None
         self.loop = EpochLoop(
             self.optimizer,
             schedule(self.pp, self.lr),
@@ -157,22 +163,27 @@ class Pretrainer:
         self.net.train()
         self.loader.set_epoch(epoch)
         summary = self.loop.run(epoch, self.loader, self._loss, run, self.history.steps)
+        last = epoch + 1 == self.pp.epochs
+        if self.probe is not None and ((epoch + 1) % self.pp.probe_every == 0 or last):
+            summary |= self.probe.run()
         self.history.epochs.append(summary)
-        run.log_metrics(
-            {
-                "epoch/loss": summary["loss"],
-                "epoch/img_per_s": summary["img_per_s"],
-                "epoch/seconds": summary["seconds"],
-            },
-            step=epoch + 1,
-        )
+        metrics = {
+            "epoch/loss": summary["loss"],
+            "epoch/img_per_s": summary["img_per_s"],
+            "epoch/seconds": summary["seconds"],
+        }
+        if "knn_top1" in summary:
+            metrics |= {f"{STAGE}/knn_top1": summary["knn_top1"], "knn/seconds": summary["knn_s"]}
+        run.log_metrics(metrics, step=epoch + 1)
+        knn = f", k-NN top-1 {summary['knn_top1']:.4f}" if "knn_top1" in summary else ""
         log.info(
-            "epoch %d/%d: loss %.4f, %.0f img/s, %.1f s",
+            "epoch %d/%d: loss %.4f, %.0f img/s, %.1f s%s",
             epoch + 1,
             self.pp.epochs,
             summary["loss"],
             summary["img_per_s"],
             summary["seconds"],
+            knn,
         )
 
     def _loss(self, batch: dict) -> torch.Tensor:
@@ -200,6 +211,50 @@ class Pretrainer:
         m, sd = self.manifest["mean"], self.manifest["std"]
         grid = reconstruction_grid(model, imgs, pred.float(), mask, m, sd, scale=scale)
         return to_png(grid)
+
+
+class KnnProbe:
+    """The online k-NN probe: the encoder's pooled features of the train split (the bank)
+    and of the val split (the queries), cosine k-NN vote; -> val top-1. Every rank encodes
+    its share of each split."""
+
+    def __init__(self, p: Params, shards: Path, manifest: dict, model, rt: Runtime) -> None:
+        if not manifest["splits"]["val"]["count"]:
+            raise UserError(
+                "the val split is empty: the k-NN probe queries it (set data.val_fraction "
+                "above 0, or pretrain.probe_every to 0)"
+            )
+        self.model, self.rt, self.pp = model, rt, p.pretrain
+        self.num_classes = len(manifest["classes"])
+        self.loaders = [
+            build_loader(
+                shards,
+                split,
+                "eval",
+                batch_size=1024,
+                img_size=model.cfg.image_hw[0],
+                num_workers=p.runtime.num_workers,
+            )
+            for split in ("train", "val")
+        ]
+
+    def _encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        with self.rt.autocast():
+            return pooled_features(self.model, imgs)
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.model.eval()
+        rt = self.rt
+        (bank, bank_labels), (queries, labels) = (
+            encode_split(loader, self._encode, rt.device, rt.dist) for loader in self.loaders
+        )
+        self.model.train()
+        pred = knn_predict(
+            bank, bank_labels, queries, self.num_classes, self.pp.knn_k, self.pp.knn_t
+        )
+        top1 = (pred == labels).float().mean().item()
+        return {"knn_top1": top1, "knn_s": time.perf_counter() - start}
 
 
 def _fixed_val_images(shards: Path, manifest: dict, model, masking_seed: int, n: int = 8):
@@ -233,10 +288,16 @@ def _write_outputs(p: Params, model, png: bytes, run, history: History, digest: 
     metrics = {
         "loss": final["loss"],
         "img_per_s": sum(e["img_per_s"] for e in history.epochs) / len(history.epochs),
-        "minutes": sum(e["seconds"] for e in history.epochs) / 60,
+        "minutes": sum(e["seconds"] for e in history.epochs) / 60,  # training alone
     }
-    reports.write_metrics(Path(p.paths.metrics) / f"{STAGE}.json", metrics)
     run.log_metrics({f"{STAGE}/{k}": v for k, v in metrics.items()})
+    probes = [e for e in history.epochs if "knn_top1" in e]
+    curve = [{"epoch": e["epoch"], "knn_top1": e["knn_top1"]} for e in probes]
+    reports.write_curve(plots / "knn.csv", curve, fields=["epoch", "knn_top1"])
+    if probes:  # pretrain/knn_top1 is logged already, as a curve over epochs
+        knn_minutes = sum(e["knn_s"] for e in probes) / 60
+        metrics |= {"knn_top1": probes[-1]["knn_top1"], "knn_minutes": knn_minutes}
+    reports.write_metrics(Path(p.paths.metrics) / f"{STAGE}.json", metrics)
     for path in (out / "model.safetensors", out / "config.json"):
         run.log_file(path, "model")
     run.log_file(plots / "loss.png", "plots")

@@ -14,11 +14,12 @@ def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     path.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
 
 
-def write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    """rows of equal keys -> CSV; the first key is the x axis."""
+def write_curve(path: Path, rows: list[dict[str, float]], fields: list[str] | None = None) -> None:
+    """rows of equal keys (`fields`, default the first row's) -> CSV; the first key is the
+    x axis."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
+        writer = csv.DictWriter(f, fieldnames=fields or (list(rows[0]) if rows else ["step"]))
         writer.writeheader()
         writer.writerows(rows)
 

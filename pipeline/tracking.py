@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.params import TrackingParams
 
 log = logging.getLogger(__name__)
+SCRATCH_TAG = "scratch.run_id"  # on a pretrain run: the run of its scratch control
 
 
 def project_root() -> Path:

@@ -31,7 +31,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     repo = dvc_repo(tmp_path, params)
 
     out = run_cmd(["dvc", "repro"], repo)
-    for stage in ("shard", "pretrain", "finetune", "linprobe", "evaluate"):
+    for stage in ("shard", "pretrain", "finetune", "scratch", "linprobe", "evaluate"):
         assert f"Running stage '{stage}'" in out
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
@@ -39,7 +39,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
         r.data.tags["stage"]: r
         for r in mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     }
-    assert set(runs) == {"shard", "pretrain", "finetune", "linprobe"}
+    assert set(runs) == {"shard", "pretrain", "finetune", "scratch", "linprobe"}
     assert runs["shard"].data.metrics["data/train/count"] == 180  # 200 less 10 % for val
     pretrain = runs["pretrain"]
     for stage in ("finetune", "linprobe"):
@@ -49,7 +49,15 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
         assert (repo / "models" / stage / "run_id").read_text().strip() == child.info.run_id
         assert pretrain.data.metrics[f"{stage}/test_top1"] == child.data.metrics["test/top1"]
 
+    control = runs["scratch"]  # the control: a run of its own that the pretrain run names
+    assert "mlflow.parentRunId" not in control.data.tags
+    assert pretrain.data.tags["scratch.run_id"] == control.info.run_id
+    assert pretrain.data.metrics["scratch/test_top1"] == control.data.metrics["test/top1"]
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    gain = evaluated["finetune_top1"] - evaluated["scratch_top1"]
+    assert evaluated["mae_gain"] == pytest.approx(gain, abs=2e-6)
+    assert pretrain.data.metrics["mae_gain"] == pytest.approx(gain, abs=2e-6)
+    assert 0 < json.loads((repo / "metrics/pretrain.json").read_text())["knn_top1"] <= 1
     again = json.loads(
         run_cmd(
             ["mae-cli", "evaluate", "--run-id", runs["finetune"].info.run_id, "--json"],
@@ -66,8 +74,21 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
             stdout_only=True,
         )
     )
-    assert {r["stage"] for r in both} == {"finetune", "linprobe"}
+    assert {r["stage"] for r in both} == {"finetune", "linprobe", "scratch"}
 
     assert "Data and pipelines are up to date" in run_cmd(["dvc", "repro"], repo)
+
+    # Another mask ratio: everything downstream of pretraining re-runs, the control does not.
+    out = run_cmd(["dvc", "exp", "run", "-S", "pretrain.mask_ratio=0.5"], repo)
+    assert "Running stage 'pretrain'" in out and "Running stage 'scratch'" not in out
+    rows = json.loads(
+        run_cmd(
+            ["mae-cli", "compare", "--json", "--out", "plots/compare.png"], repo, stdout_only=True
+        )
+    )
+    assert [(r["series"], r["mask_ratio"]) for r in rows] == [("A", 0.5), ("A", 0.75)]
+    assert rows[0]["scratch/test_top1"] == rows[1]["scratch/test_top1"] is not None
+    assert all(r["mae_gain"] is not None and r["pretrain/knn_top1"] is not None for r in rows)
     table = run_cmd(["mae-cli", "compare", "--out", "plots/compare.png"], repo)
-    assert "0.75" in table and (repo / "plots/compare.png").is_file()
+    assert "every run shares all settings but the mask ratio" in table
+    assert (repo / "plots/compare.png").is_file()

@@ -46,7 +46,6 @@ def test_set_lr_applies_each_groups_lr_scale():
     set_lr(opt, 0.1)
     for group in opt.param_groups:
         assert group["lr"] == pytest.approx(0.1 * group["lr_scale"])
-    assert opt.defaults["betas"] == (0.9, 0.95)
 
 
 def test_layer_decay_scales_stem_to_head():

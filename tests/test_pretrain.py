@@ -30,6 +30,7 @@ PARAMS = {
         "batch_size": 32,
         "log_every": 2,
         "recon_every": 1,
+        "probe_every": 2,
         "warmup_epochs": 1,
         "blr": 1e-3,
     },
@@ -98,7 +99,13 @@ def test_run_logs_params_metrics_artifacts_tags_and_dataset(project):
         "plots/loss.png",
     } <= artifacts
     metrics = json.loads((project / "metrics/pretrain.json").read_text())
-    assert set(metrics) == {"loss", "img_per_s", "minutes"}
+    assert set(metrics) == {"loss", "img_per_s", "minutes", "knn_top1", "knn_minutes"}
+    knn = client.get_metric_history(run_id, "pretrain/knn_top1")
+    assert [m.step for m in knn] == [2, 3]  # every probe_every epochs, and at the end
+    assert metrics["knn_top1"] == pytest.approx(knn[-1].value, abs=1e-6)
+    assert 0 <= metrics["knn_top1"] <= 1
+    csv_rows = (project / "plots/pretrain/knn.csv").read_text().splitlines()
+    assert csv_rows[0] == "epoch,knn_top1" and len(csv_rows) == 3
     assert (project / "plots/pretrain/loss.csv").read_text().startswith("step,epoch,loss,lr")
     state = load_file(str(project / "models/pretrain/model.safetensors"))
     assert "decoder_pred.weight" in state and "patch_embed.proj.weight" in state
@@ -117,6 +124,18 @@ def test_same_seed_gives_the_same_losses_and_weights(tmp_path, monkeypatch):
     (wa, ca), (wb, cb) = results
     assert ca == cb
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_knn_probe_can_be_turned_off_and_needs_a_val_split(tmp_path, monkeypatch):
+    params = make_project(tmp_path / "off", pretrain={"epochs": 1, "probe_every": 0})
+    monkeypatch.chdir(params.parent)
+    run_pretrain(load_params("params.yaml"))
+    assert "knn_top1" not in json.loads(Path("metrics/pretrain.json").read_text())
+    assert Path("plots/pretrain/knn.csv").read_text().strip() == "epoch,knn_top1"
+    params = make_project(tmp_path / "noval", data={"val_fraction": 0.0})
+    monkeypatch.chdir(params.parent)
+    with pytest.raises(UserError, match="the val split is empty: the k-NN probe queries it"):
+        run_pretrain(load_params("params.yaml"))
 
 
 def test_bad_params_fail_before_any_work(project):

@@ -1,0 +1,40 @@
+"""The scratch stage, the control of every run: the finetune stage's classifier, params
+(`finetune.*`) and budget, from a randomly initialised encoder instead of the pretrained
+one. `mae_gain` (evaluate) is finetune's test top-1 minus this stage's.
+
+The random encoder is the MAE's own initialisation (xavier linears, fixed sin-cos position
+embeddings, normal(0.02) tokens), so pretraining is the only difference. The stage reads
+neither the pretrained model nor the `pretrain` params: a mask-ratio sweep reuses it from
+DVC's cache, and its MLflow run is one of its own, which every pretrain run it controls
+names (tag `scratch.run_id`, metrics `scratch/test_top1` and `mae_gain`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.classify import Pretrained
+from pipeline.downstream import run_downstream
+from pipeline.engine import seed_everything
+from pipeline.finetune import Finetuner
+from pipeline.loader import manifest_digest, read_manifest
+from pipeline.params import Params
+from pipeline.pretrain import build_model
+
+STAGE = "scratch"
+
+
+class ScratchFinetuner(Finetuner):
+    stage = STAGE
+    section_name = "finetune"
+
+    def encoder(self, p: Params) -> Pretrained:
+        shards = Path(p.data.shards)
+        seed_everything(p.runtime.seed)  # the pretrain stage's initial weights, exactly
+        model = build_model(p, read_manifest(shards))
+        return Pretrained(model.cfg, model.state_dict(), None, manifest_digest(shards))
+
+
+def run_scratch(p: Params) -> str:
+    tracking.connect(p.tracking)  # fails now, not hours later
+    return run_downstream(ScratchFinetuner(p))
