@@ -16,7 +16,7 @@ import typer
 from pipeline.errors import UserError
 
 app = typer.Typer(
-    help="Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, evaluate.",
+    help="Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, scratch, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -26,7 +26,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, evaluate.
+    """Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, scratch, evaluate.
 
     Each stage reads params.yaml and is run by `dvc repro`; see the README.
     """
@@ -117,8 +117,8 @@ def evaluate(
     run_id: str = typer.Option(
         None,
         "--run-id",
-        help="A finetune, linprobe or pretrain run; "
-        "default: this workspace's finetune and linprobe models.",
+        help="A finetune, linprobe, scratch or pretrain run; "
+        "default: this workspace's finetune, linprobe and scratch models.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:

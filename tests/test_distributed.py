@@ -36,6 +36,43 @@ def _loader_rank(rank: int, world: int, folder: str, out: str, port: int) -> Non
         dist.destroy_process_group()
 
 
+def _drop_path_rank(rank: int, world: int, out: str, port: int) -> None:
+    import torch.distributed as dist
+
+    from mae import build_classifier, mae_config
+    from pipeline.engine import seed_everything, seed_rank
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        d = Dist(rank=rank, world_size=world)
+        seed_everything(0)  # as the stages: the same initial weights on every rank
+        model = build_classifier(mae_config("mae_vit_test"), 10, drop_path_rate=0.5).train()
+        seed_rank(0, d)  # then each rank its own global streams
+        masking = torch.Generator().manual_seed(0)  # the stages' masks and crops
+        imgs = torch.ones(4, 1, 16, 16)
+        drawn = {
+            "weights": model.patch_embed.proj.weight.sum().item(),
+            "logits": model.forward_features(imgs).flatten().tolist(),
+            "masking": torch.rand(4, 16, generator=masking).flatten().tolist(),
+        }
+        Path(out, f"rank{rank}.json").write_text(json.dumps(drawn))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_each_rank_draws_its_own_drop_path_while_masks_stay_shared(tmp_path):
+    """Drop path (and Mixup) use the global streams, seeded seed + rank once the model is
+    built: two ranks drop different paths of the same weights, while the generator that
+    draws masks and crops for the global batch gives both ranks the same numbers."""
+    mp.spawn(_drop_path_rank, args=(2, str(tmp_path), _free_port()), nprocs=2)
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert a["weights"] == b["weights"] and a["masking"] == b["masking"]
+    assert a["logits"] != b["logits"]
+
+
 def _free_port() -> int:
     import socket
 
