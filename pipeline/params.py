@@ -76,17 +76,17 @@ class ModelParams:
 class PretrainParams:
     mask_ratio: float = 0.75  # fraction of patches removed (the paper's 75%)
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (paper Table 1c)
-    epochs: int = 6
+    epochs: int = 8
     warmup_epochs: float = 1.0  # linear warm-up, then half-cycle cosine
     batch_size: int = 256  # per device and step
     accum_iter: int = 1  # gradient accumulation: effective batch = batch_size x accum x ranks
-    blr: float = 1.5e-4  # base lr; lr = blr x effective batch / 256
+    blr: float = 1.5e-3  # base lr; lr = blr x effective batch / 256 (10x the paper's)
     min_lr: float = 0.0
     weight_decay: float = 0.05
     clip_grad: float | None = None  # max gradient norm; null = no clipping
     log_every: int = 10  # optimizer steps between train/loss, train/lr points
     recon_every: int = 2  # epochs between reconstruction grids (and one at the end)
-    probe_every: int = 4  # epochs between k-NN probes on val (and one at the end); 0: off
+    probe_every: int = 8  # epochs between k-NN probes on val (and one at the end); 0: off
     knn_k: int = 20  # neighbours that vote
     knn_t: float = 0.07  # vote weight exp(cosine similarity / knn_t)
 
@@ -101,7 +101,7 @@ class PretrainParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = 5
+    epochs: int = 2
     warmup_epochs: float = 0.5
     batch_size: int = 256  # per device and step
     accum_iter: int = 1
@@ -131,8 +131,8 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class LinprobeParams:
-    epochs: int = 100  # cheap with cached features
-    warmup_epochs: float = 5.0
+    epochs: int = 60  # cheap with cached features
+    warmup_epochs: float = 3.0
     batch_size: int = 512
     blr: float = 3.0  # lr = blr x batch / 256 (LARS, as the paper's linear probe)
     min_lr: float = 0.0
