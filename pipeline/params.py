@@ -76,7 +76,7 @@ class ModelParams:
 class PretrainParams:
     mask_ratio: float = 0.75  # fraction of patches removed (the paper's 75%)
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (paper Table 1c)
-    epochs: int = 8
+    epochs: int = 7
     warmup_epochs: float = 1.0  # linear warm-up, then half-cycle cosine
     batch_size: int = 256  # per device and step
     accum_iter: int = 1  # gradient accumulation: effective batch = batch_size x accum x ranks
@@ -86,7 +86,8 @@ class PretrainParams:
     clip_grad: float | None = None  # max gradient norm; null = no clipping
     log_every: int = 10  # optimizer steps between train/loss, train/lr points
     recon_every: int = 2  # epochs between reconstruction grids (and one at the end)
-    probe_every: int = 8  # epochs between k-NN probes on val (and one at the end); 0: off
+    probe_every: int = 4  # epochs between k-NN probes on val (and one at the end); 0: off
+    knn_bank: int | None = 10000  # train images in the bank (a fixed random subset); None: all
     knn_k: int = 20  # neighbours that vote
     knn_t: float = 0.07  # vote weight exp(cosine similarity / knn_t)
 
@@ -96,6 +97,7 @@ class PretrainParams:
         _require(self.recon_every >= 1, "recon_every", "must be at least 1")
         _require(self.probe_every >= 0, "probe_every", "must be 0 (off) or more")
         _require(self.knn_k >= 1, "knn_k", "must be at least 1")
+        _require(self.knn_bank is None or self.knn_bank >= 1, "knn_bank", "must be null or >= 1")
         _require(self.knn_t > 0, "knn_t", "must be positive")
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -216,7 +218,9 @@ class Pretrainer:
 class KnnProbe:
     """The online k-NN probe: the encoder's pooled features of the train split (the bank)
     and of the val split (the queries), cosine k-NN vote; -> val top-1. Every rank encodes
-    its share of each split."""
+    its share of each split. With `pretrain.knn_bank` the bank is the first that many
+    train samples in shard order (the shard stage's seeded shuffle: a fixed random subset,
+    rounded up to whole batches), so a probe costs less than a pass over the split."""
 
     def __init__(self, p: Params, shards: Path, manifest: dict, model, rt: Runtime) -> None:
         if not manifest["splits"]["val"]["count"]:
@@ -225,6 +229,8 @@ class KnnProbe:
                 "above 0, or pretrain.probe_every to 0)"
             )
         self.model, self.rt, self.pp = model, rt, p.pretrain
+        bank = p.pretrain.knn_bank
+        self.bank_batches = None if bank is None else math.ceil(bank / (1024 * rt.dist.world_size))
         self.num_classes = len(manifest["classes"])
         self.loaders = [
             build_loader(
@@ -246,9 +252,10 @@ class KnnProbe:
         start = time.perf_counter()
         self.model.eval()
         rt = self.rt
-        (bank, bank_labels), (queries, labels) = (
-            encode_split(loader, self._encode, rt.device, rt.dist) for loader in self.loaders
-        )
+        train, val = self.loaders
+        bank_loader = islice(train, self.bank_batches)  # None: all of it
+        bank, bank_labels = encode_split(bank_loader, self._encode, rt.device, rt.dist)
+        queries, labels = encode_split(val, self._encode, rt.device, rt.dist)
         self.model.train()
         pred = knn_predict(
             bank, bank_labels, queries, self.num_classes, self.pp.knn_k, self.pp.knn_t

@@ -186,7 +186,8 @@ def start_run(
     tags = {
         "stage": stage,
         "data.manifest_digest": digest,
-        "git.commit": git_commit(project_root()),
+        # a queued experiment runs its baseline's code, whatever HEAD is by then
+        "git.commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(project_root()),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
         "mlflow.parentRunId": parent_id,
     }
