@@ -2,14 +2,16 @@
 the paper's Figure 5): a table, JSON and a PNG.
 
 Like is compared with like: runs that differ in anything but the mask ratio (epochs,
-model, recipe, data digest, code commit) fall into separate series, and the table names
-what differs between them.
+model, recipe, data digest, code) fall into separate series, and the table names what
+differs between them. Two commits are the same code when git shows no change under
+`mae/` and `pipeline/` between them.
 """
 
 from __future__ import annotations
 
 import math
 import string
+import subprocess
 from pathlib import Path
 
 from pipeline import tracking
@@ -40,11 +42,38 @@ NOT_A_SETTING = (
     "paths.",
 )
 TAGS = ("data.manifest_digest", "git.commit")
+CODE = ("mae", "pipeline")  # what a run computes with, besides its params and data
 
 
 def _setting(run) -> dict[str, str]:
     params = {k: v for k, v in run.data.params.items() if not k.startswith(NOT_A_SETTING)}
     return params | {t: run.data.tags.get(t, "") for t in TAGS}
+
+
+def _code_unchanged(a: str, b: str) -> bool:
+    """Whether git (in this project) shows no change under `CODE` between commits a and b;
+    False when it cannot tell (e.g. a commit this clone does not have)."""
+    try:
+        diff = subprocess.run(
+            ["git", "diff", "--quiet", a, b, "--", *CODE],
+            cwd=tracking.project_root(),
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return diff.returncode == 0
+
+
+def _same_code(commits: list[str]) -> dict[str, str]:
+    """Each commit -> the first of `commits` with the same code: a commit that changed only
+    results, docs or dvc.lock does not start a new series."""
+    canonical: dict[str, str] = {}
+    for commit in commits:
+        if commit not in canonical:
+            same = (c for c in dict.fromkeys(canonical.values()) if _code_unchanged(c, commit))
+            canonical[commit] = next(same, commit) if commit else commit
+    return canonical
 
 
 def compare_rows(p: Params) -> list[dict]:
@@ -57,14 +86,16 @@ def compare_rows(p: Params) -> list[dict]:
         for r in tracking.stage_runs(experiment_id, "pretrain")
         if "pretrain.mask_ratio" in r.data.params
     ]
+    runs.sort(key=lambda r: r.info.start_time)
     settings = [_setting(r) for r in runs]
+    code = _same_code([s["git.commit"] for s in settings])
+    for s in settings:
+        s["git.commit"] = code[s["git.commit"]]
     keys = sorted({k for s in settings for k in s})
     varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
     series: dict[tuple, str] = {}
     rows = []
-    for run, setting in sorted(
-        zip(runs, settings, strict=True), key=lambda x: x[0].info.start_time
-    ):
+    for run, setting in zip(runs, settings, strict=True):
         differs = {k: setting.get(k, "") for k in varying}
         name = series.setdefault(tuple(differs.items()), string.ascii_uppercase[len(series) % 26])
         rows.append(

@@ -229,15 +229,16 @@ class KnnProbe:
                 "above 0, or pretrain.probe_every to 0)"
             )
         self.model, self.rt, self.pp = model, rt, p.pretrain
-        bank = p.pretrain.knn_bank
-        self.bank_batches = None if bank is None else math.ceil(bank / (1024 * rt.dist.world_size))
+        bank, world = p.pretrain.knn_bank, rt.dist.world_size
+        batch = 1024 if bank is None else min(1024, math.ceil(bank / world))
+        self.bank_batches = None if bank is None else math.ceil(bank / (batch * world))
         self.num_classes = len(manifest["classes"])
         self.loaders = [
             build_loader(
                 shards,
                 split,
                 "eval",
-                batch_size=1024,
+                batch_size=batch,
                 img_size=model.cfg.image_hw[0],
                 num_workers=p.runtime.num_workers,
             )

@@ -60,3 +60,42 @@ def test_runs_that_differ_in_more_than_the_mask_ratio_are_separate_series(tmp_pa
     rows = compare_rows(p)
     assert [(r["series"], r["mask_ratio"]) for r in rows] == [("A", 0.5), ("A", 0.75)]
     assert "every run shares all settings but the mask ratio" in format_rows(rows)
+
+
+def test_commits_that_change_no_code_stay_in_one_series(tmp_path, monkeypatch):
+    """A commit of results or docs only (git shows no change under mae/ and pipeline/)
+    keeps the series; a change of code starts another."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "pipeline").mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git[:5], "init", "-q", str(repo)], check=True)
+    commits = []
+    for path, text in (
+        ("pipeline/a.py", "x = 1\n"),
+        ("README.md", "r\n"),
+        ("pipeline/a.py", "x = 2\n"),
+    ):
+        (repo / path).write_text(text)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", path], check=True)
+        commits.append(
+            subprocess.run(
+                [*git, "rev-parse", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+        )
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
+    ids = [
+        _pretrain_run(client, experiment, r, 6, 0.85, commit=c)
+        for r, c in zip((0.5, 0.75, 0.9), commits, strict=True)
+    ]
+    rows = compare_rows(parse_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    series = {r["run_id"]: r["series"] for r in rows}
+    assert series[ids[0]] == series[ids[1]] != series[ids[2]]
+    assert {r["differs"]["git.commit"] for r in rows} == {commits[0], commits[2]}

@@ -1,5 +1,6 @@
 """The pretrain stage with the real MLflow (a temporary SQLite store) on synthetic shards."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -136,6 +137,34 @@ def test_the_knn_probe_can_be_turned_off_and_needs_a_val_split(tmp_path, monkeyp
     monkeypatch.chdir(params.parent)
     with pytest.raises(UserError, match="the val split is empty: the k-NN probe queries it"):
         run_pretrain(load_params("params.yaml"))
+
+
+def test_the_knn_bank_is_a_fixed_subset_of_the_train_split(project, monkeypatch):
+    """`knn_bank: 64`: the first 64 train samples in shard order, the same at every probe."""
+    import pipeline.pretrain as stage
+    from pipeline.engine import resolve_runtime
+    from pipeline.loader import read_manifest
+
+    banks = []
+
+    def spy(bank, bank_labels, *args):
+        banks.append(bank_labels.tolist())
+        return knn_predict(bank, bank_labels, *args)
+
+    knn_predict = stage.knn_predict
+    monkeypatch.setattr(stage, "knn_predict", spy)
+    p = load_params("params.yaml")
+    for size, expected in ((64, 64), (None, 180)):
+        pp = dataclasses.replace(p.pretrain, knn_bank=size)
+        params = dataclasses.replace(p, pretrain=pp)
+        manifest = read_manifest("data/shards")
+        trainer = stage.Pretrainer(
+            params, Path("data/shards"), manifest, resolve_runtime(p.runtime)
+        )
+        trainer.probe.run()
+        trainer.probe.run()
+        assert len(banks[-1]) == expected and banks[-1] == banks[-2]
+    assert banks[0] == banks[-1][:64]  # the subset is the split's first samples
 
 
 def test_bad_params_fail_before_any_work(project):
