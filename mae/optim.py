@@ -85,7 +85,14 @@ FINETUNE_BETAS = (0.9, 0.999)  # the paper's fine-tuning table (Table 9), offici
 
 
 def build_adamw(
-    param_groups: list[dict], lr: float, betas: tuple[float, float] = PRETRAIN_BETAS
+    param_groups: list[dict],
+    lr: float,
+    betas: tuple[float, float] = PRETRAIN_BETAS,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW; pretraining uses betas (0.9, 0.95), fine-tuning (0.9, 0.999)."""
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+    """AdamW; pretraining uses betas (0.9, 0.95), fine-tuning (0.9, 0.999). On CUDA the fused
+    kernel by default (`fused=None`): one launch updates every parameter, where the official
+    code's default (foreach) launches several per group."""
+    if fused is None:
+        fused = all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)

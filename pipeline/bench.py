@@ -58,7 +58,7 @@ class StepBench:
     step_tflop: float  # analytic, see mae/flops.py
     tflops: float  # achieved: step_tflop / step time
     peak_tflops: float | None  # the device's dense bf16 peak, when known
-    mfu: float | None  # tflops / peak_tflops (bf16 on CUDA only)
+    mfu: float | None  # tflops / peak_tflops (autocast on CUDA only)
     baseline_compute_ms: float | None  # mask tokens through the encoder, same batch
     speedup: float | None  # baseline_compute_ms / compute_ms
 
@@ -116,11 +116,15 @@ def _time_steps(
     warmup: int,
     autocast: Callable,
     compile: bool,
+    official: bool = False,
 ) -> tuple[float, float]:
-    """-> (mean data wait, mean compute) in seconds per step, after `warmup` steps."""
+    """-> (mean data wait, mean compute) in seconds per step, after `warmup` steps. With
+    `official`, the official code's step: fp16 loss scaling and the default (foreach) AdamW."""
     device = next(model.parameters()).device
     net = torch.compile(model) if compile else model
-    opt = build_adamw(pretrain_param_groups(model, 0.05), lr=1e-4)
+    groups = pretrain_param_groups(model, 0.05)
+    opt = build_adamw(groups, lr=1e-4, fused=False if official else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=official)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -135,8 +139,9 @@ def _time_steps(
         with autocast():
             loss, _, _ = net(imgs, mask_ratio)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sync()
         if i >= warmup:
             wait += t1 - t0
@@ -168,8 +173,13 @@ def bench_train_step(
     if loader is not None:
         overrides["in_chans"] = loader.manifest["channels"]
     cfg = mae_config(model_name, **overrides)
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-    autocast = Runtime(dev, torch.bfloat16 if bf16 else None).autocast
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError("fp16 (the official code's loss-scaled step) needs a CUDA device")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = Runtime(dev, amp).autocast
+    official = precision == "fp16"
 
     def batches() -> Iterator[torch.Tensor]:
         return _synthetic(cfg, batch_size, dev) if loader is None else _from_shards(loader, dev)
@@ -177,7 +187,9 @@ def bench_train_step(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model = MaskedAutoencoderViT(cfg).to(dev)
-    wait, compute = _time_steps(model, batches(), mask_ratio, steps, warmup, autocast, compile)
+    wait, compute = _time_steps(
+        model, batches(), mask_ratio, steps, warmup, autocast, compile, official
+    )
     if dev.type == "cuda":
         peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     else:  # ru_maxrss is in KiB on Linux
@@ -186,17 +198,19 @@ def bench_train_step(
     base = None
     if baseline:  # the same images for both: the data pipeline is not what is compared
         other = MaskTokensInEncoderMAE(cfg).to(dev)
+        batches = _synthetic(cfg, batch_size, dev)
         _, base = _time_steps(
-            other, _synthetic(cfg, batch_size, dev), mask_ratio, steps, warmup, autocast, compile
+            other, batches, mask_ratio, steps, warmup, autocast, compile, official
         )
         del other
     step = wait + compute
     flop = mae_step_flops(cfg, batch_size, mask_ratio) / 1e12
-    peak = peak_tflops or (bf16_peak_tflops(dev) if bf16 else None)
+    # MFU against the dense bf16 peak (fp16's is the same on these chips)
+    peak = peak_tflops or (bf16_peak_tflops(dev) if amp is not None else None)
     return StepBench(
         model=model_name,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        precision="bf16" if bf16 else "fp32",
+        precision=precision,
         compile=compile,
         data="synthetic" if loader is None else "shards",
         img_size=cfg.image_hw[0],

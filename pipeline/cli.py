@@ -214,7 +214,11 @@ def bench_step(
     steps: int = typer.Option(10, min=1, help="Timed steps."),
     warmup: int = typer.Option(3, min=0, help="Untimed steps first (compilation happens here)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA), fp32 or bf16."),
+    precision: str = typer.Option(
+        "auto",
+        help="auto (bf16 on CUDA), fp32, bf16, or fp16: the official code's step (fp16 "
+        "autocast, loss scaling, foreach AdamW), CUDA only.",
+    ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
     data: str = typer.Option(
         "synthetic", help="synthetic (one batch on the device) or shards (data.shards)."
@@ -232,8 +236,8 @@ def bench_step(
 
     from pipeline.bench import bench_train_step
 
-    if precision not in ("auto", "fp32", "bf16"):
-        raise typer.BadParameter(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise typer.BadParameter(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if data not in ("synthetic", "shards"):
         raise typer.BadParameter(f"--data must be synthetic or shards, got {data!r}")
     loader = None

@@ -152,8 +152,9 @@ def _short(key: str, value: str) -> str:
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
-    """Fine-tuning (solid), linear probing (dashed) and scratch (dotted) test top-1
-    against the mask ratio, one colour per series; a re-run ratio shows its newest run."""
+    """Fine-tuning (solid), linear probing (dashed), test top-1, the k-NN probe's val top-1
+    (dash-dot) and scratch (dotted) against the mask ratio, one colour per series; a re-run
+    ratio shows its newest run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +162,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ((COLUMNS[0], "o-", "fine-tuning"), (COLUMNS[1], "s--", "linear probing"))
-    styles += ((COLUMNS[2], ":", "scratch"),)
+    styles += ((COLUMNS[4], "^-.", "k-NN (pretraining)"), (COLUMNS[2], ":", "scratch"))
     for i, name in enumerate(sorted({r["series"] for r in rows})):
         newest = {r["mask_ratio"]: r for r in rows if r["series"] == name}  # rows sorted by time
         for column, style, label in styles:
@@ -175,7 +176,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
                     label=f"{label} [{name}]",
                 )
     ax.set_xlabel("masking ratio")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel("top-1 (%)")
     ax.set_title("Masking ratio vs downstream accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
