@@ -93,6 +93,7 @@ def test_bench_step_reads_the_shards_and_prints_its_figures(tmp_path):
     [
         (["--model", "nope"], "unknown model 'nope'"),
         (["--model", "mae_vit_test", "--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
+        (["--model", "mae_vit_test", "--device", "cpu", "--precision", "fp16"], "needs a CUDA"),
     ],
 )
 def test_bench_bad_input_is_a_one_line_error(args, message):
