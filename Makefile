@@ -39,7 +39,7 @@ run: setup ## Set up, then run the whole pipeline with DVC (dvc repro)
 GPU_RECIPE ?= recipes/fashion-mnist-gpu.yaml
 gpu-run: setup ## Run the GPU recipe (GPU_RECIPE) as a DVC experiment, on every local GPU
 	@# The recipe is checked against params.yaml first: a bad key stops here, named.
-	args="$$($(BIN)/python -m pipeline.recipe $(GPU_RECIPE))" && \
+	args="$$($(BIN)/python -m pipeline.tools.recipe $(GPU_RECIPE))" && \
 		eval "$(BIN)/dvc exp run -n gpu-recipe $$args"
 
 MASK_RATIOS ?= 0.25,0.5,0.75,0.9

@@ -39,9 +39,9 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file to 
 @app.command()
 def shard(params: Path = PARAMS) -> None:
     """Raw source (data.source) -> WebDataset shards + manifest.json (data.shards)."""
-    from pipeline.loader import manifest_digest
+    from pipeline.data.manifest import manifest_digest
+    from pipeline.data.shard import run_shard
     from pipeline.params import load_params
-    from pipeline.shard import run_shard
     from pipeline.tracking import connect, log_shard_run
 
     p = load_params(params)
@@ -58,8 +58,8 @@ def shard(params: Path = PARAMS) -> None:
 def _train(stage: str, params: Path) -> None:
     """Run a training stage: here, or as `runtime.nproc` ranks when that is above 1 and
     this process is not already one rank of a torchrun launch."""
-    from pipeline import distributed
     from pipeline.params import load_params
+    from pipeline.train import distributed
 
     p = load_params(params)
     nproc = distributed.resolve_nproc(p.runtime.nproc, p.runtime.device)
@@ -72,13 +72,13 @@ def _train(stage: str, params: Path) -> None:
             raise typer.Exit(code)
         return
     if stage == "pretrain":
-        from pipeline.pretrain import run_pretrain as run
+        from pipeline.stages.pretrain import run_pretrain as run
     elif stage == "finetune":
-        from pipeline.finetune import run_finetune as run
+        from pipeline.stages.finetune import run_finetune as run
     elif stage == "scratch":
-        from pipeline.scratch import run_scratch as run
+        from pipeline.stages.scratch import run_scratch as run
     else:
-        from pipeline.linprobe import run_linprobe as run
+        from pipeline.stages.linprobe import run_linprobe as run
     try:
         run_id = run(p)
     finally:
@@ -125,8 +125,8 @@ def evaluate(
     """Test-split top-1/top-5, per-class accuracy and confusion matrix of a tracked model."""
     import json
 
-    from pipeline.evaluate import evaluate_run, evaluate_stage, format_result
     from pipeline.params import load_params
+    from pipeline.stages.evaluate import evaluate_run, evaluate_stage, format_result
 
     p = load_params(params)
     results = evaluate_run(p, run_id) if run_id else evaluate_stage(p)
@@ -146,8 +146,8 @@ def compare(
     pretrain runs; runs that differ in more than the mask ratio form separate series."""
     import json
 
-    from pipeline.compare import compare_rows, format_rows, plot_rows
     from pipeline.params import load_params
+    from pipeline.tools.compare import compare_rows, format_rows, plot_rows
 
     rows = compare_rows(load_params(params))
     if not rows:
@@ -234,7 +234,7 @@ def bench_step(
     of the encoder on visible patches only over mask tokens through the encoder."""
     import json
 
-    from pipeline.bench import bench_train_step
+    from pipeline.tools.bench import bench_train_step
 
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise typer.BadParameter(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
@@ -245,7 +245,7 @@ def bench_step(
         import torch
 
         from mae import mae_config
-        from pipeline.loader import build_loader
+        from pipeline.data.loader import build_loader
         from pipeline.params import load_params
 
         p = load_params(params)
@@ -292,8 +292,8 @@ def bench_data(
     import json
 
     from mae import mae_config
-    from pipeline.bench import bench_loader
     from pipeline.params import load_params
+    from pipeline.tools.bench import bench_loader
 
     p = load_params(params)
     img_size = mae_config(p.model.name).image_hw[0]

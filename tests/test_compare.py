@@ -4,8 +4,8 @@ import math
 
 import mlflow
 
-from pipeline.compare import compare_rows, format_rows, plot_rows
 from pipeline.params import parse_params
+from pipeline.tools.compare import compare_rows, format_rows, plot_rows
 
 
 def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):

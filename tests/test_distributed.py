@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.distributed import Dist, resolve_nproc
+from pipeline.train.distributed import Dist, resolve_nproc
 from tests.factory import shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]
@@ -18,7 +18,7 @@ UNEVEN = [5, 17, 3, 11, 8, 13, 2]
 def _loader_rank(rank: int, world: int, folder: str, out: str, port: int) -> None:
     import torch.distributed as dist
 
-    from pipeline.loader import build_loader
+    from pipeline.data.loader import build_loader
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -40,7 +40,7 @@ def _drop_path_rank(rank: int, world: int, out: str, port: int) -> None:
     import torch.distributed as dist
 
     from mae import build_classifier, mae_config
-    from pipeline.engine import seed_everything, seed_rank
+    from pipeline.train.runtime import seed_everything, seed_rank
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -92,7 +92,7 @@ def test_loaders_under_two_ranks_in_a_process_group(tmp_path):
     keys = [k for r in train for b in r for k in b]
     assert len(keys) == len(set(keys)) and sum(UNEVEN) - len(keys) < 8
     # the two ranks' batches of a step are one global batch of the single-rank plan
-    from pipeline.loader import build_loader
+    from pipeline.data.loader import build_loader
 
     single = build_loader(folder, "train", "pretrain", batch_size=8, img_size=8)
     single.set_epoch(1)
@@ -208,7 +208,7 @@ def test_a_checkpoint_keeps_the_random_streams_of_every_rank(tmp_path):
 
     import numpy as np
 
-    from pipeline.engine import Checkpoints, rng_state
+    from pipeline.train.checkpoint import Checkpoints, rng_state
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -10,14 +10,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
-from pipeline.evaluate import evaluate_run, evaluate_stage
-from pipeline.finetune import run_finetune
-from pipeline.linprobe import run_linprobe
 from pipeline.params import load_params
-from pipeline.pretrain import run_pretrain
-from pipeline.scratch import run_scratch
-from pipeline.shard import run_shard
+from pipeline.stages.evaluate import evaluate_run, evaluate_stage
+from pipeline.stages.finetune import run_finetune
+from pipeline.stages.linprobe import run_linprobe
+from pipeline.stages.pretrain import run_pretrain
+from pipeline.stages.scratch import run_scratch
 from tests.factory import bands_dataset, idx_dataset
 
 PARAMS = {
@@ -90,17 +90,14 @@ def test_linprobe_trains_only_the_head_on_cached_features(project):
 def test_scratch_is_finetune_from_the_pretrain_stages_initial_weights(project):
     """The control differs from finetune in the encoder's starting weights alone: the
     pretrain stage's own initialisation, the same params, recipe and budget."""
-    from pipeline.engine import resolve_runtime
-    from pipeline.finetune import Finetuner
-    from pipeline.loader import read_manifest
-    from pipeline.pretrain import Pretrainer
-    from pipeline.scratch import ScratchFinetuner
+    from pipeline.stages.finetune import Finetuner
+    from pipeline.stages.pretrain import Pretrainer
+    from pipeline.stages.scratch import ScratchFinetuner
+    from pipeline.train.runtime import resolve_runtime
 
     p = load_params("params.yaml")
-    start = Pretrainer(
-        p, Path("data/shards"), read_manifest("data/shards"), resolve_runtime(p.runtime)
-    )
-    control, tuned = ScratchFinetuner(p), Finetuner(p)
+    rt = resolve_runtime(p.runtime)
+    start, control, tuned = Pretrainer(p, rt), ScratchFinetuner(p, rt), Finetuner(p, rt)
     initial = start.model.state_dict()
     assert control.pre.state.keys() == initial.keys()
     assert all(torch.equal(control.pre.state[k], initial[k]) for k in initial)
@@ -199,7 +196,7 @@ def test_downstream_needs_the_pretrained_model(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(project, monkeypatch):
-    from pipeline.finetune import Finetuner
+    from pipeline.stages.finetune import Finetuner
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["finetune"] = {**raw["finetune"], "epochs": 3}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mae.optim import build_adamw
-from pipeline.bench import bench_train_step
-from pipeline.engine import resolve_runtime
 from pipeline.params import RuntimeParams, load_params
-from pipeline.pretrain import run_pretrain
+from pipeline.stages.pretrain import run_pretrain
+from pipeline.tools.bench import bench_train_step
+from pipeline.train.runtime import resolve_runtime
 from tests.test_distributed import check_same_training, run_one_and_two_ranks
 from tests.test_pretrain import make_project
 

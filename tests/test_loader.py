@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.loader import Augment, batches_per_epoch, build_loader, rank_batches
+from pipeline.data.shard import run_shard
+from pipeline.data.tarindex import index_shards, pgm
 from pipeline.errors import UserError
-from pipeline.loader import Augment, batches_per_epoch, build_loader, rank_batches
 from pipeline.params import DataParams
-from pipeline.shard import run_shard
-from pipeline.tarindex import index_shards, pgm
 from tests.factory import folder_params, idx_dataset, imagefolder, shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]  # 7 shards, 59 samples

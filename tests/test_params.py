@@ -75,7 +75,7 @@ def test_cli_reports_a_bad_key_in_one_line_and_exits_non_zero(tmp_path):
 
 
 def test_the_gpu_recipe_is_valid_and_becomes_dvc_set_arguments(tmp_path):
-    from pipeline.recipe import overrides
+    from pipeline.tools.recipe import overrides
 
     args = overrides(ROOT / "recipes/fashion-mnist-gpu.yaml", ROOT / "params.yaml")
     assert "model.name=mae_vit_s_patch4_28" in args and "runtime.compile=true" in args

@@ -16,11 +16,11 @@ import yaml
 from safetensors.torch import load_file
 
 from mae import MaskedAutoencoderViT
-from pipeline.engine import Diverged
+from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
 from pipeline.params import load_params
-from pipeline.pretrain import run_pretrain
-from pipeline.shard import run_shard
+from pipeline.stages.pretrain import run_pretrain
+from pipeline.train.loop import Diverged
 from tests.factory import idx_dataset, run_cmd
 
 PARAMS = {
@@ -141,9 +141,8 @@ def test_the_knn_probe_can_be_turned_off_and_needs_a_val_split(tmp_path, monkeyp
 
 def test_the_knn_bank_is_a_fixed_subset_of_the_train_split(project, monkeypatch):
     """`knn_bank: 64`: the first 64 train samples in shard order, the same at every probe."""
-    import pipeline.pretrain as stage
-    from pipeline.engine import resolve_runtime
-    from pipeline.loader import read_manifest
+    import pipeline.stages.pretrain as stage
+    from pipeline.train.runtime import resolve_runtime
 
     banks = []
 
@@ -157,10 +156,7 @@ def test_the_knn_bank_is_a_fixed_subset_of_the_train_split(project, monkeypatch)
     for size, expected in ((64, 64), (None, 180)):
         pp = dataclasses.replace(p.pretrain, knn_bank=size)
         params = dataclasses.replace(p, pretrain=pp)
-        manifest = read_manifest("data/shards")
-        trainer = stage.Pretrainer(
-            params, Path("data/shards"), manifest, resolve_runtime(p.runtime)
-        )
+        trainer = stage.Pretrainer(params, resolve_runtime(p.runtime))
         trainer.probe.run()
         trainer.probe.run()
         assert len(banks[-1]) == expected and banks[-1] == banks[-2]

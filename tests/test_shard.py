@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
 from pipeline.params import DataParams
-from pipeline.shard import run_shard
 from tests.factory import folder_params, idx_dataset, imagefolder, write_idx
 
 

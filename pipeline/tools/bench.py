@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mae import MAEConfig, mae_config
+from mae.baseline import MaskTokensInEncoderMAE
 from mae.flops import mae_step_flops
-from mae.model import MaskedAutoencoderViT, MaskTokensInEncoderMAE
+from mae.model import MaskedAutoencoderViT
 from mae.optim import build_adamw, pretrain_param_groups
-from pipeline.engine import Runtime
+from pipeline.train.runtime import Runtime
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
 # piece of `torch.cuda.get_device_name()`; the first match wins. --peak-tflops overrides.
@@ -103,8 +104,7 @@ def _from_shards(loader, device: torch.device) -> Iterator[torch.Tensor]:
     while True:
         loader.set_epoch(epoch)
         for batch in loader:
-            imgs = batch["image"].to(device, non_blocking=True)
-            yield imgs if loader.device_augment is None else loader.device_augment(imgs)
+            yield loader.images(batch, device)
         epoch += 1
 
 
@@ -263,15 +263,14 @@ def bench_loader(
 ) -> DataBench:
     """img/s of the train-split loader with its full augmentation (the device-side crop and
     flip too, here on the CPU), worker start-up included (as every epoch pays it)."""
-    from pipeline.loader import build_loader
+    from pipeline.data.loader import build_loader
 
     loader = build_loader(
         shards, "train", purpose, batch_size=batch_size, img_size=img_size, num_workers=workers
     )
     start, n = time.perf_counter(), 0
     for batch in loader:
-        if loader.device_augment is not None:
-            loader.device_augment(batch["image"])
+        loader.images(batch, torch.device("cpu"))  # the device's crop and flip, here
         n += len(batch["label"])
         if n >= max_images:
             break

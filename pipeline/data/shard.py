@@ -23,9 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.params import DataParams
-from pipeline.sources import (
+from pipeline.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MD5,
     Input,
@@ -34,6 +32,8 @@ from pipeline.sources import (
     list_idx,
     list_imagefolder,
 )
+from pipeline.errors import UserError
+from pipeline.params import DataParams
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

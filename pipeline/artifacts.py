@@ -1,6 +1,6 @@
-"""What the downstream stages share: the pretrained encoder they start from, the saved
-classifier format, and the one evaluation code path (training-time validation, the
-evaluate stage and `mae-cli evaluate --run-id` all call `evaluate`)."""
+"""The stages' model files, written and read here alone: the pretrained MAE
+(models/pretrain: model.safetensors + config.json) and the saved classifiers
+(models/<finetune|scratch|linprobe>), each checked against the shards it is used with."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mae import MAEConfig, build_classifier, build_linear_probe
-from pipeline.distributed import Dist
+from pipeline.data.manifest import manifest_digest
 from pipeline.errors import UserError
-from pipeline.loader import manifest_digest
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,23 @@ def check_shards(config: dict, shards: Path, what: str) -> str:
             f"{config['manifest_digest'][:12]}; {shards} has {digest[:12]})"
         )
     return digest
+
+
+def save_pretrained(
+    folder: Path, model, preset: str, mask_ratio: float, digest: str, run_id: str
+) -> None:
+    """The pretrain stage's model.safetensors (encoder + decoder; the run id in its
+    metadata) and config.json, as `load_pretrained` reads them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"run_id": run_id})
+    config = {
+        "model": model.cfg.to_dict(),
+        "preset": preset,
+        "mask_ratio": mask_ratio,
+        "manifest_digest": digest,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def classifier_config(
@@ -93,54 +109,3 @@ def load_classifier(folder: Path) -> tuple[torch.nn.Module, dict]:
     model = build_from_config(config)
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     return model.eval(), config
-
-
-@torch.no_grad()
-def encode_split(loader, encode, device: torch.device, dist: Dist = Dist()):
-    """A split's features and labels: each rank encodes its share (`encode`: a batch of
-    images on `device` -> (n, D)), and every rank gets them all. -> (features, labels)."""
-    feats, labels = [], []
-    for batch in loader:
-        feats.append(encode(batch["image"].to(device, non_blocking=True)).float().cpu())
-        labels.append(batch["label"])
-    shares = dist.gather((torch.cat(feats), torch.cat(labels)))
-    return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    num_classes: int,
-    autocast=None,
-    dist: Dist = Dist(),
-) -> dict:
-    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
-
-    Under several ranks each evaluates its share of the split; the counts are summed."""
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    top5 = 0
-    for batch in loader:
-        imgs, labels = batch["image"].to(device, non_blocking=True), batch["label"]
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(imgs).float().cpu()
-        k = min(5, num_classes)
-        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
-        confusion += torch.bincount(
-            labels * num_classes + logits.argmax(1), minlength=num_classes**2
-        ).view(num_classes, num_classes)
-    counts = dist.sum(torch.cat([confusion.flatten(), torch.tensor([top5])]))
-    confusion, top5 = counts[:-1].view(num_classes, num_classes), int(counts[-1])
-    total = int(confusion.sum())
-    if total == 0:
-        raise UserError("the evaluation split is empty")
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    return {
-        "top1": confusion.diag().sum().item() / total,
-        "top5": top5 / total,
-        "count": total,
-        "per_class": per_class,
-        "confusion": confusion.tolist(),
-    }

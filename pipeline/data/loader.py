@@ -22,9 +22,7 @@ Images are decoded, transformed, normalised with the manifest's mean/std, and ba
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,27 +35,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
+from pipeline.data.manifest import read_manifest
+from pipeline.data.tarindex import ShardIndex, index_shards, pgm
 from pipeline.errors import UserError
-from pipeline.tarindex import ShardIndex, index_shards, pgm
 
 Purpose = Literal["pretrain", "finetune", "eval"]
 SHUFFLE_WINDOW = 20_000  # samples shuffled together; more than Fashion-MNIST's train split
-
-
-def manifest_digest(shards: Path | str) -> str:
-    """sha256 of manifest.json: names the exact data a run saw."""
-    path = Path(shards) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"no shards at {shards} (run `mae-cli shard` or `dvc repro shard`)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_manifest(folder: Path | str) -> dict:
-    path = Path(folder) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no shards at {folder}: {path} is missing (run `mae-cli shard`)") from None
 
 
 # ------------------------------------------------------------------ the plan (pure)
@@ -238,8 +221,8 @@ class ShardStream(IterableDataset):
 class ShardLoader:
     """A DataLoader over one split for one rank; call `set_epoch` before each epoch.
 
-    When `device_augment` is set, the batches are un-augmented and the training step must
-    apply it on the device (`device_augment(images, generator)`).
+    When `device_augment` is set, the batches are un-augmented and the training step
+    applies it on the device: `images(batch, device, generator, rank, world)`.
     """
 
     def __init__(
@@ -254,6 +237,16 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch  # workers are not persistent: they get it at each __iter__
+
+    def images(
+        self, batch: dict, device: torch.device, generator=None, rank: int = 0, world: int = 1
+    ) -> torch.Tensor:
+        """A batch's images on `device`, augmented there when the loader leaves that to the
+        device (crops drawn from `generator` for the global batch; this rank's rows kept)."""
+        imgs = batch["image"].to(device, non_blocking=True)
+        if self.device_augment is None:
+            return imgs
+        return self.device_augment(imgs, generator, rank, world)
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.loader)

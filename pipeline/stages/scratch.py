@@ -12,20 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.classify import Pretrained
-from pipeline.downstream import run_downstream
-from pipeline.engine import seed_everything
-from pipeline.finetune import Finetuner
-from pipeline.loader import manifest_digest, read_manifest
+from pipeline.artifacts import Pretrained
+from pipeline.data.manifest import manifest_digest, read_manifest
 from pipeline.params import Params
-from pipeline.pretrain import build_model
-
-STAGE = "scratch"
+from pipeline.stages.finetune import Finetuner
+from pipeline.stages.pretrain import build_model
+from pipeline.train.runtime import seed_everything
+from pipeline.train.stage import run_stage
 
 
 class ScratchFinetuner(Finetuner):
-    stage = STAGE
+    name = "scratch"
     section_name = "finetune"
 
     def encoder(self, p: Params) -> Pretrained:
@@ -36,5 +33,4 @@ class ScratchFinetuner(Finetuner):
 
 
 def run_scratch(p: Params) -> str:
-    tracking.connect(p.tracking)  # fails now, not hours later
-    return run_downstream(ScratchFinetuner(p))
+    return run_stage(ScratchFinetuner, p)

@@ -4,67 +4,54 @@ features are computed once and cached, so an epoch costs only the head."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
 import torch
 
 from mae import build_linear_probe
-from mae.optim import absolute_lr, build_lars
-from pipeline import tracking
-from pipeline.classify import classifier_config, encode_split
-from pipeline.downstream import Downstream, run_downstream
-from pipeline.engine import EpochLoop, schedule, wrap
-from pipeline.errors import UserError
-from pipeline.loader import Augment, build_loader
+from mae.optim import build_lars
+from pipeline.artifacts import classifier_config
+from pipeline.data.loader import Augment, build_loader
 from pipeline.params import Params
+from pipeline.stages.downstream import Downstream
+from pipeline.train.eval import encode_split
+from pipeline.train.runtime import Runtime, wrap
+from pipeline.train.stage import run_stage
 
-log = logging.getLogger(__name__)
-STAGE = "linprobe"
 POOL = {"cls": "token", "avg": "avg"}
 
 
 class LinearProber(Downstream):
-    stage = STAGE
+    name = "linprobe"
+    hint = "Lower linprobe.blr."
 
-    def __init__(self, p: Params) -> None:
-        lp = self.lp = p.linprobe
-        super().__init__(p)
-        shards, pre = Path(p.data.shards), self.pre
+    def __init__(self, p: Params, rt: Runtime) -> None:
+        super().__init__(p, rt)
+        lp, pre = self.section, self.pre
         self.model = build_linear_probe(
             pre.cfg, self.num_classes, pre.state, global_pool=POOL[lp.pool]
-        ).to(self.rt.device)
-        img_size = pre.cfg.image_hw[0]
+        ).to(rt.device)
         # augment: the pretraining crops, on every epoch; else eval images, encoded once
         purpose, aug = ("pretrain", Augment()) if lp.augment else ("eval", Augment())
         self.loader = build_loader(
-            shards,
+            Path(p.data.shards),
             "train",
             purpose,
             batch_size=lp.batch_size,
-            img_size=img_size,
+            img_size=pre.cfg.image_hw[0],
             aug=aug,
             num_workers=p.runtime.num_workers,
             seed=p.runtime.seed,
         )
         self.model.eval()  # the encoder never trains; the head switches modes itself
         # each rank encodes its share of a split, and every rank gets all its features
-        rt = self.rt
         train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
         self.train_cache = train
         self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
-        world = self.rt.dist.world_size
-        self.global_batch = lp.batch_size * world
-        steps = len(self.loader) if lp.augment else len(self.train_cache[1]) // self.global_batch
-        if steps < 1:
-            raise UserError(
-                f"linprobe.batch_size {lp.batch_size} x {world} rank(s) is larger than the "
-                "train split"
-            )
-        self.lr = absolute_lr(lp.blr, self.global_batch)
+        self.derive_lr()
         # DDP over the head alone: the frozen encoder has no gradients to average
-        self.head, ddp = wrap(self.model.head, self.rt, compile=False)
+        self.head, ddp = wrap(self.model.head, rt, compile=False)
         if lp.optimizer == "lars":
             self.optimizer = build_lars(self.model, self.lr, lp.weight_decay)
         else:
@@ -72,19 +59,10 @@ class LinearProber(Downstream):
             self.optimizer = torch.optim.SGD(
                 head, lr=self.lr, momentum=0.9, weight_decay=lp.weight_decay
             )
-        self.loop = EpochLoop(
-            self.optimizer,
-            schedule(self.lp, self.lr),
-            steps,
-            1,
-            None,
-            lp.log_every,
-            hint="Lower linprobe.blr.",
-            dist=self.rt.dist,
-            ddp=ddp,
-        )
+        batches = len(self.loader) if lp.augment else len(train[1]) // self.effective_batch
+        self.loop = self.build_loop(batches, ddp)
         self.config = classifier_config(
-            STAGE, pre.cfg, self.manifest, pre.manifest_digest, POOL[lp.pool]
+            self.name, pre.cfg, self.manifest, self.digest, POOL[lp.pool]
         )
 
     def derived_params(self) -> dict:
@@ -101,7 +79,7 @@ class LinearProber(Downstream):
         """Full global batches in an order drawn on every rank alike; this rank's rows."""
         feats, labels = self.train_cache
         order = torch.randperm(len(labels), generator=self.generator)
-        g, rows = self.global_batch, self.rt.dist.share(self.lp.batch_size)
+        g, rows = self.effective_batch, self.rt.dist.share(self.section.batch_size)
         for i in range(0, len(order) - g + 1, g):
             idx = order[i : i + g][rows]
             yield {"feature": feats[idx], "label": labels[idx]}
@@ -110,12 +88,10 @@ class LinearProber(Downstream):
         self.loader.set_epoch(epoch)
         d = self.rt.dist
         for batch in self.loader:
-            imgs = batch["image"].to(self.rt.device, non_blocking=True)
-            if self.loader.device_augment is not None:
-                imgs = self.loader.device_augment(imgs, self.generator, d.rank, d.world_size)
+            imgs = self.loader.images(batch, self.rt.device, self.generator, d.rank, d.world_size)
             yield {"feature": self._encode(imgs), "label": batch["label"]}
 
-    def train_epoch(self, epoch: int, run) -> dict:
+    def fit(self, epoch: int, run) -> dict:
         batches = (
             self._cached_batches if self.train_cache is not None else self._augmented_batches
         )(epoch)
@@ -136,5 +112,4 @@ class LinearProber(Downstream):
 
 
 def run_linprobe(p: Params) -> str:
-    tracking.connect(p.tracking)  # fails now, not hours later
-    return run_downstream(LinearProber(p))
+    return run_stage(LinearProber, p)

@@ -1,6 +1,6 @@
 """A recipe (a partial params file) as `dvc exp run -S` arguments, checked first.
 
-    python -m pipeline.recipe recipes/fashion-mnist-gpu.yaml
+    python -m pipeline.tools.recipe recipes/fashion-mnist-gpu.yaml
     -> -S model.name=mae_vit_s_patch4_28 -S pretrain.epochs=400 ...
 
 The recipe is merged into params.yaml and validated like it, so an unknown key or a bad
@@ -56,7 +56,7 @@ def main() -> None:
         args = overrides(Path(sys.argv[1]))
     except (IndexError, UserError) as err:
         print(
-            f"recipe: error: {err or 'usage: python -m pipeline.recipe RECIPE.yaml'}",
+            f"recipe: error: {err or 'usage: python -m pipeline.tools.recipe RECIPE.yaml'}",
             file=sys.stderr,
         )
         sys.exit(1)

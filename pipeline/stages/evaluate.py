@@ -1,9 +1,10 @@
 """Evaluate a tracked model on the test split: the evaluate stage and
 `mae-cli evaluate --run-id` share this code.
 
-The model comes from the run's MLflow artifacts (so a fresh clone that reaches the same
-store and has the shards can evaluate any run); the results go back to the run, and the
-headline top-1 to its parent pretrain run, so pretrain runs compare mask ratios alone.
+The stage reads the models DVC tracks (`paths.models`/<stage>, which it depends on);
+`--run-id` reads the run's MLflow artifacts, so a fresh clone that reaches the same store
+and has the shards can evaluate any run. The results go back to the run, and the headline
+top-1 to its parent pretrain run, so pretrain runs compare mask ratios alone.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from pathlib import Path
 
 from mae import MAEConfig
 from pipeline import reports, tracking
-from pipeline.classify import check_shards, evaluate, load_classifier
-from pipeline.engine import resolve_runtime
+from pipeline.artifacts import check_shards, load_classifier
+from pipeline.data.loader import build_loader
 from pipeline.errors import UserError
-from pipeline.loader import build_loader
 from pipeline.params import Params
+from pipeline.train.eval import evaluate
+from pipeline.train.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
 DOWNSTREAM = ("finetune", "linprobe", "scratch")
 
 
-def evaluate_run(p: Params, run_id: str) -> list[dict]:
+def evaluate_run(p: Params, run_id: str, folder: Path | None = None) -> list[dict]:
     """Evaluate a finetune, linprobe or scratch run, or a pretrain run's children and the
-    scratch control it names (then `mae_gain` too)."""
+    scratch control it names (then `mae_gain` too). `folder`: the run's model as a stage
+    wrote it, read instead of the run's artifacts."""
     tracking.connect(p.tracking)
     run = tracking.get_run(run_id)
     stage = run.data.tags.get("stage")
@@ -44,7 +47,7 @@ def evaluate_run(p: Params, run_id: str) -> list[dict]:
             f"run {run_id} is a {stage or 'untagged'} run; give a finetune, "
             "linprobe, scratch or pretrain run"
         )
-    return [_evaluate_one(p, run)]
+    return [_evaluate_one(p, run, folder)]
 
 
 def with_gain(results: list[dict]) -> list[dict]:
@@ -66,11 +69,14 @@ def with_gain(results: list[dict]) -> list[dict]:
     return results
 
 
-def _evaluate_one(p: Params, run) -> dict:
+def _evaluate_one(p: Params, run, folder: Path | None = None) -> dict:
     run_id, stage = run.info.run_id, run.data.tags["stage"]
     shards = Path(p.data.shards)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, config = load_classifier(tracking.download_model(run_id, Path(tmp)))
+    if folder is not None:
+        model, config = load_classifier(folder)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, config = load_classifier(tracking.download_model(run_id, Path(tmp)))
     check_shards(config, shards, f"run {run_id}")
     rt = resolve_runtime(p.runtime)
     img_size = MAEConfig.from_dict(config["model"]).image_hw[0]
@@ -107,10 +113,10 @@ def evaluate_stage(p: Params) -> list[dict]:
     evaluate.json, with `mae_gain`."""
     results = []
     for stage in DOWNSTREAM:
-        path = Path(p.paths.models) / stage / "run_id"
-        if not path.is_file():
-            raise UserError(f"{path} is missing (run `dvc repro {stage}`)")
-        results += evaluate_run(p, path.read_text().strip())
+        folder = Path(p.paths.models) / stage
+        if not (folder / "run_id").is_file():
+            raise UserError(f"{folder / 'run_id'} is missing (run `dvc repro {stage}`)")
+        results += evaluate_run(p, (folder / "run_id").read_text().strip(), folder)
     results = with_gain(results)
     metrics = {f"{r['stage']}_{k}": r[k] for r in results for k in ("top1", "top5")}
     metrics["mae_gain"] = results[0]["mae_gain"]

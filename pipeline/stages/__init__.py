@@ -1,0 +1,1 @@
+"""The DVC stages: each module holds only what its stage does differently."""

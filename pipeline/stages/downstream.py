@@ -1,0 +1,110 @@
+"""What the classifier stages (finetune, its scratch control, linprobe) share: the encoder
+they start from, the val split their kept epoch is chosen on, the params they inherit from
+the pretrain run (their MLflow parent), and their outputs: the kept classifier and its
+curve."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from pipeline import reports, tracking
+from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
+from pipeline.data.loader import build_loader
+from pipeline.data.manifest import read_manifest
+from pipeline.errors import UserError
+from pipeline.params import Params, flatten
+from pipeline.train.runtime import Runtime, seed_everything
+from pipeline.train.stage import Stage
+
+
+class Downstream(Stage):
+    """Subclasses build `model`, `optimizer`, `loop`, `config` and implement `fit` (one
+    epoch's training -> its summary) and `validate` (-> val top-1)."""
+
+    config: dict  # the saved classifier's config.json
+
+    def __init__(self, p: Params, rt: Runtime) -> None:
+        super().__init__(p, rt)
+        self.pre = pre = self.encoder(p)
+        seed_everything(p.runtime.seed)
+        shards = Path(p.data.shards)
+        self.manifest = read_manifest(shards)
+        self.digest, self.parent_id = pre.manifest_digest, pre.run_id
+        self.num_classes = len(self.manifest["classes"])
+        if not self.manifest["splits"]["val"]["count"]:
+            raise UserError(
+                "the val split is empty: the kept model is chosen on it "
+                "(set data.val_fraction above 0)"
+            )
+        self.val_loader = build_loader(
+            shards,
+            "val",
+            "eval",
+            batch_size=512,
+            img_size=pre.cfg.image_hw[0],
+            num_workers=p.runtime.num_workers,
+        )
+        self.generator = torch.Generator().manual_seed(p.runtime.seed)  # crops, shuffles
+
+    def encoder(self, p: Params) -> Pretrained:
+        """Where the encoder starts: the pretrain stage's output."""
+        return load_pretrained(Path(p.paths.models) / "pretrain", Path(p.data.shards))
+
+    def fit(self, epoch: int, run) -> dict:
+        raise NotImplementedError
+
+    def validate(self) -> float:
+        raise NotImplementedError
+
+    def derived_params(self) -> dict:
+        return {}
+
+    def key(self) -> tuple:
+        pre = self.pre
+        runtime, world = flatten(self.p.runtime), self.rt.dist.world_size
+        return flatten(self.section), runtime, pre.cfg.to_dict(), pre.run_id, self.digest, world
+
+    @functools.cached_property
+    def inherited(self) -> dict:
+        """The pretrain run's data, model and pretrain params, so either run compares mask
+        ratios; from a random init, the model's config alone."""
+        if self.pre.run_id is None:
+            model = {f"model.{k}": v for k, v in self.pre.cfg.to_dict().items()}
+            return {"model.name": self.p.model.name, **model}
+        parent = tracking.get_run(self.pre.run_id)
+        prefixes = ("pretrain.", "model.", "data.")
+        return {k: v for k, v in parent.data.params.items() if k.startswith(prefixes)}
+
+    def run_name(self) -> str:
+        ratio = self.inherited.get("pretrain.mask_ratio")
+        return f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} (random init)"
+
+    def run_params(self) -> dict:
+        return {
+            **self.inherited,
+            **{f"{self.name}.{k}": v for k, v in flatten(self.section).items()},
+            **{f"runtime.{k}": v for k, v in flatten(self.p.runtime).items()},
+            **self.derived_params(),
+            "pretrain.run_id": self.pre.run_id or "none (random init)",
+        }
+
+    def train_epoch(self, epoch: int, run) -> dict:
+        return self.fit(epoch, run) | {"val_top1": self.validate()}
+
+    def write_outputs(self, run, out: Path) -> dict:
+        save_classifier(out, self.model, self.config, self.best["state"])
+        plots = Path(self.p.paths.plots) / self.name
+        epochs = self.history.epochs
+        curve = [{k: e[k] for k in ("epoch", "loss", "val_top1")} for e in epochs]
+        reports.write_curve(plots / "curve.csv", curve)
+        reports.plot_curve(plots / "curve.png", curve, "epoch", ["loss", "val_top1"], run.id)
+        run.log_file(plots / "curve.png", "plots")
+        return {
+            "val_top1": self.best["top1"],
+            "best_epoch": self.best["epoch"],
+            "train_loss": epochs[-1]["loss"],
+            "minutes": sum(e["seconds"] for e in epochs) / 60,
+        }

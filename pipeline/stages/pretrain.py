@@ -1,0 +1,223 @@
+"""The pretrain stage: MAE pretraining on the train shards, tracked in MLflow, resumable.
+
+Outputs (`paths.models`/pretrain): model.safetensors (encoder + decoder), config.json,
+reconstruction.png, run_id; `paths.metrics`/pretrain.json; `paths.plots`/pretrain/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from mae import MaskedAutoencoderViT, keep_count, mae_config
+from mae.knn import knn_predict, pooled_features
+from mae.optim import build_adamw, pretrain_param_groups
+from mae.visualize import reconstruction_grid, to_png
+from pipeline import reports
+from pipeline.artifacts import save_pretrained
+from pipeline.data.loader import build_loader
+from pipeline.data.manifest import manifest_digest, read_manifest
+from pipeline.errors import UserError
+from pipeline.params import Params, flatten
+from pipeline.train.eval import encode_split
+from pipeline.train.runtime import Runtime, seed_everything, wrap
+from pipeline.train.stage import Stage, run_stage
+
+log = logging.getLogger(__name__)
+STAGE = "pretrain"
+
+
+def build_model(p: Params, manifest: dict) -> MaskedAutoencoderViT:
+    cfg = mae_config(p.model.name, norm_pix_loss=p.pretrain.norm_pix_loss)
+    if cfg.in_chans != manifest["channels"]:
+        raise UserError(
+            f"model.name {p.model.name} takes {cfg.in_chans}-channel images but "
+            f"the shards have {manifest['channels']} channel(s)"
+        )
+    return MaskedAutoencoderViT(cfg)
+
+
+class Pretrainer(Stage):
+    """One pretraining run: model, data, optimiser, the masking RNG, the k-NN probe."""
+
+    name = STAGE
+    hint = "Lower pretrain.blr or set pretrain.clip_grad."
+    curves = ("knn_top1", "knn_minutes")  # pretrain/knn_top1 is logged per probe already
+
+    def __init__(self, p: Params, rt: Runtime) -> None:
+        super().__init__(p, rt)
+        self.pp = pp = p.pretrain
+        shards = Path(p.data.shards)
+        self.manifest, self.digest = read_manifest(shards), manifest_digest(shards)
+        seed_everything(p.runtime.seed)  # the same initial weights on every rank
+        self.model = build_model(p, self.manifest).to(rt.device)
+        self.net, ddp = wrap(self.model, rt, p.runtime.compile)
+        self.loader = build_loader(
+            shards,
+            "train",
+            "pretrain",
+            batch_size=pp.batch_size,
+            img_size=self.model.cfg.image_hw[0],
+            num_workers=p.runtime.num_workers,
+            seed=p.runtime.seed,
+            pin_memory=rt.device.type == "cuda",
+        )
+        self.derive_lr()
+        self.optimizer = build_adamw(pretrain_param_groups(self.model, pp.weight_decay), self.lr)
+        self.generator = torch.Generator().manual_seed(p.runtime.seed)  # masks and crops
+        self.probe = KnnProbe(p, shards, self.manifest, self.model, rt) if pp.probe_every else None
+        self.loop = self.build_loop(len(self.loader), ddp)
+
+    def key(self) -> tuple:
+        p, world = self.p, self.rt.dist.world_size
+        return flatten(p.model), flatten(self.pp), flatten(p.runtime), self.digest, world
+
+    def run_name(self) -> str:
+        return f"{STAGE} mask={self.pp.mask_ratio}"
+
+    def run_params(self) -> dict:
+        cfg = self.model.cfg
+        return {
+            **flatten(self.p),
+            **{f"model.{k}": v for k, v in cfg.to_dict().items()},
+            "model.parameters": sum(x.numel() for x in self.model.parameters()),
+            "pretrain.lr": self.lr,
+            "pretrain.effective_batch": self.effective_batch,
+            "pretrain.patches_kept": keep_count(cfg.num_patches, self.pp.mask_ratio),
+        }
+
+    def begin(self) -> None:
+        if self.rt.dist.main:  # the same images and masks in every grid
+            self.fixed = _fixed_val_images(self.p, self.manifest, self.model)
+
+    def train_epoch(self, epoch: int, run) -> dict:
+        self.net.train()
+        self.loader.set_epoch(epoch)
+        summary = self.loop.run(epoch, self.loader, self._loss, run, self.history.steps)
+        last = epoch + 1 == self.pp.epochs
+        if self.probe is not None and ((epoch + 1) % self.pp.probe_every == 0 or last):
+            summary |= self.probe.run()
+        return summary
+
+    def after_epoch(self, epoch: int, run) -> None:
+        if (epoch + 1) % self.pp.recon_every == 0 and epoch + 1 < self.pp.epochs:
+            run.log_bytes(self.reconstructions(), f"reconstructions/epoch_{epoch + 1:03d}.png")
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        d = self.rt.dist
+        imgs = self.loader.images(batch, self.rt.device, self.generator, d.rank, d.world_size)
+        # drawn for the global batch, this rank's rows kept: ranks do not change the masks
+        n = imgs.shape[0]
+        noise = torch.rand(n * d.world_size, self.model.cfg.num_patches, generator=self.generator)
+        noise = noise[d.share(n)]
+        with self.rt.autocast():
+            loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise.to(self.rt.device))
+        return loss
+
+    @torch.no_grad()
+    def reconstructions(self) -> bytes:
+        imgs, noise = self.fixed
+        model = self.model.eval()
+        with self.rt.autocast():
+            _, pred, mask = model(
+                imgs.to(self.rt.device), self.pp.mask_ratio, noise.to(self.rt.device)
+            )
+        model.train()
+        scale = max(1, 112 // imgs.shape[-1])  # small images: enlarge for the eye
+        m, sd = self.manifest["mean"], self.manifest["std"]
+        grid = reconstruction_grid(model, imgs, pred.float(), mask, m, sd, scale=scale)
+        return to_png(grid)
+
+    def write_outputs(self, run, out: Path) -> dict:
+        png = self.reconstructions()
+        run.log_bytes(png, f"reconstructions/epoch_{self.pp.epochs:03d}.png")
+        save_pretrained(out, self.model, self.p.model.name, self.pp.mask_ratio, self.digest, run.id)
+        (out / "reconstruction.png").write_bytes(png)
+        plots, steps = Path(self.p.paths.plots) / STAGE, self.history.steps
+        reports.write_curve(plots / "loss.csv", steps)
+        reports.plot_curve(plots / "loss.png", steps, "step", ["loss", "lr"], run.id)
+        run.log_file(plots / "loss.png", "plots")
+        epochs = self.history.epochs
+        metrics = {
+            "loss": epochs[-1]["loss"],
+            "img_per_s": sum(e["img_per_s"] for e in epochs) / len(epochs),
+            "minutes": sum(e["seconds"] for e in epochs) / 60,  # training alone
+        }
+        probes = [e for e in epochs if "knn_top1" in e]
+        curve = [{"epoch": e["epoch"], "knn_top1": e["knn_top1"]} for e in probes]
+        reports.write_curve(plots / "knn.csv", curve, fields=["epoch", "knn_top1"])
+        if probes:
+            knn_minutes = sum(e["knn_s"] for e in probes) / 60
+            metrics |= {"knn_top1": probes[-1]["knn_top1"], "knn_minutes": knn_minutes}
+        return metrics
+
+
+def run_pretrain(p: Params) -> str:
+    """Train, write the outputs, log everything; -> the MLflow run id."""
+    return run_stage(Pretrainer, p)
+
+
+class KnnProbe:
+    """The online k-NN probe: the encoder's pooled features of the train split (the bank)
+    and of the val split (the queries), cosine k-NN vote; -> val top-1. Every rank encodes
+    its share of each split. With `pretrain.knn_bank` the bank is the first that many
+    train samples in shard order (the shard stage's seeded shuffle: a fixed random subset,
+    rounded up to whole batches), so a probe costs less than a pass over the split."""
+
+    def __init__(self, p: Params, shards: Path, manifest: dict, model, rt: Runtime) -> None:
+        if not manifest["splits"]["val"]["count"]:
+            raise UserError(
+                "the val split is empty: the k-NN probe queries it (set data.val_fraction "
+                "above 0, or pretrain.probe_every to 0)"
+            )
+        self.model, self.rt, self.pp = model, rt, p.pretrain
+        bank, world = p.pretrain.knn_bank, rt.dist.world_size
+        batch = 1024 if bank is None else min(1024, math.ceil(bank / world))
+        self.bank_batches = None if bank is None else math.ceil(bank / (batch * world))
+        self.num_classes = len(manifest["classes"])
+        self.loaders = [
+            build_loader(
+                shards,
+                split,
+                "eval",
+                batch_size=batch,
+                img_size=model.cfg.image_hw[0],
+                num_workers=p.runtime.num_workers,
+            )
+            for split in ("train", "val")
+        ]
+
+    def _encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        with self.rt.autocast():
+            return pooled_features(self.model, imgs)
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.model.eval()
+        rt = self.rt
+        train, val = self.loaders
+        bank_loader = islice(train, self.bank_batches)  # None: all of it
+        bank, bank_labels = encode_split(bank_loader, self._encode, rt.device, rt.dist)
+        queries, labels = encode_split(val, self._encode, rt.device, rt.dist)
+        self.model.train()
+        pred = knn_predict(
+            bank, bank_labels, queries, self.num_classes, self.pp.knn_k, self.pp.knn_t
+        )
+        top1 = (pred == labels).float().mean().item()
+        return {"knn_top1": top1, "knn_s": time.perf_counter() - start}
+
+
+def _fixed_val_images(p: Params, manifest: dict, model, n: int = 8):
+    """The same validation images and masks at every epoch, for comparable grids."""
+    split = "val" if manifest["splits"]["val"]["count"] else "train"
+    size = model.cfg.image_hw[0]
+    loader = build_loader(Path(p.data.shards), split, "eval", batch_size=n, img_size=size)
+    imgs = next(iter(loader))["image"]
+    masking = torch.Generator().manual_seed(p.runtime.seed)
+    noise = torch.rand(imgs.shape[0], model.cfg.num_patches, generator=masking)
+    return imgs, noise

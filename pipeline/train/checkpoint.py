@@ -1,0 +1,183 @@
+"""Resumable checkpoints as safetensors + JSON (never pickles), written atomically: model,
+optimizer, every rank's RNG streams."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserError
+from pipeline.train.distributed import Dist
+
+log = logging.getLogger(__name__)
+
+
+def params_key(*parts: Any) -> str:
+    """A short digest of everything that determines a training run's result."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, per_param in state["state"].items():
+        meta["state"][str(idx)] = {}
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{idx}.{name}"] = value.contiguous()
+            else:
+                meta["state"][str(idx)][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's torch, CUDA, Python and NumPy RNG states: (tensors, JSON-able)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class Checkpoints:
+    """`<folder>/epoch-NNNN/{state.safetensors,state.json}`; the newest complete one wins.
+
+    A checkpoint directory appears by an atomic rename, so a kill mid-write leaves only
+    a `.tmp` folder behind, never a half checkpoint.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def latest(self, d: Dist = Dist()) -> Path | None:
+        """The newest complete checkpoint, as rank 0 sees it (every rank loads that one)."""
+        done = sorted(p for p in self.folder.glob("epoch-*") if not p.name.endswith(".tmp"))
+        name = d.broadcast(done[-1].name if done else None)
+        if name is None:
+            return None
+        path = self.folder / name
+        if not path.is_dir():
+            raise UserError(
+                f"rank {d.rank} cannot see checkpoint {path}: paths.checkpoints must be on "
+                "a filesystem every node shares"
+            )
+        return path
+
+    def save(
+        self,
+        epoch: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        extra: dict,
+        extra_tensors: dict[str, torch.Tensor] | None = None,
+        rng_states: list[tuple[dict, dict]] | None = None,
+    ) -> Path:
+        """`extra` goes to JSON, `extra_tensors` (e.g. the best weights so far) beside the
+        model's; `load` returns both. `rng_states`: every rank's `rng_state()` (default:
+        this process's), so that each rank resumes its own random streams."""
+        model_state = {
+            f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+        }
+        model_state |= {
+            f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()
+        }
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        states = rng_states or [rng_state()]
+        tensors = {
+            **model_state,
+            **{k: v.cpu() for k, v in opt_tensors.items()},
+            **{f"rng.{r}.{k}": v for r, (t, _) in enumerate(states) for k, v in t.items()},
+            "rng.masking": generator.get_state(),
+        }
+        rng_meta = [m for _, m in states]
+        meta = {"epoch": epoch, "optimizer": opt_meta, "rng": rng_meta, **extra}
+        final = self.folder / f"epoch-{epoch:04d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
+        tmp.rename(final)
+        for old in self.folder.glob("epoch-*"):  # keep only the newest
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        rank: int = 0,
+    ) -> dict:
+        """Restore model, optimizer and RNG states (those of `rank`) in place; -> the JSON
+        part."""
+        tensors = load_file(str(path / "state.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
+        model.load_state_dict(
+            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        prefix = f"rng.{rank}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        _set_rng_state(own, meta["rng"][rank])
+        generator.set_state(tensors["rng.masking"])
+        meta["tensors"] = {
+            k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")
+        }
+        return meta
+
+    def resume(
+        self,
+        d: Dist,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        epochs: int,
+    ) -> dict | None:
+        """Load the newest checkpoint into every rank, if there is one; -> its JSON part
+        (epoch, run_id, history, ...) or None."""
+        latest = self.latest(d)
+        if latest is None:
+            return None
+        meta = self.load(latest, model, optimizer, generator, d.rank)
+        log.info("resuming from %s (epoch %d of %d)", latest, meta["epoch"] + 2, epochs)
+        return meta
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""The evaluation passes: top-1/top-5/confusion of a classifier (validation, the evaluate
+stage and `mae-cli evaluate --run-id` all call `evaluate`), and a split's features."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.train.distributed import Dist
+
+
+@torch.no_grad()
+def encode_split(loader, encode, device: torch.device, dist: Dist = Dist()):
+    """A split's features and labels: each rank encodes its share (`encode`: a batch of
+    images on `device` -> (n, D)), and every rank gets them all. -> (features, labels)."""
+    feats, labels = [], []
+    for batch in loader:
+        feats.append(encode(batch["image"].to(device, non_blocking=True)).float().cpu())
+        labels.append(batch["label"])
+    shares = dist.gather((torch.cat(feats), torch.cat(labels)))
+    return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    num_classes: int,
+    autocast=None,
+    dist: Dist = Dist(),
+) -> dict:
+    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
+
+    Under several ranks each evaluates its share of the split; the counts are summed."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5 = 0
+    for batch in loader:
+        imgs, labels = batch["image"].to(device, non_blocking=True), batch["label"]
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(imgs).float().cpu()
+        k = min(5, num_classes)
+        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
+        confusion += torch.bincount(
+            labels * num_classes + logits.argmax(1), minlength=num_classes**2
+        ).view(num_classes, num_classes)
+    counts = dist.sum(torch.cat([confusion.flatten(), torch.tensor([top5])]))
+    confusion, top5 = counts[:-1].view(num_classes, num_classes), int(counts[-1])
+    total = int(confusion.sum())
+    if total == 0:
+        raise UserError("the evaluation split is empty")
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    return {
+        "top1": confusion.diag().sum().item() / total,
+        "top5": top5 / total,
+        "count": total,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }

@@ -1,0 +1,131 @@
+"""The optimisation loop every training stage runs an epoch with, its lr schedule and the
+history it keeps."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mae.optim import lr_at, set_lr
+from pipeline.errors import UserError
+from pipeline.train.distributed import Dist
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def schedule(section: Any, lr: float):
+    """A stage section's warm-up + cosine schedule: fractional epoch -> lr."""
+    return functools.partial(
+        lr_at,
+        lr=lr,
+        epochs=section.epochs,
+        warmup_epochs=section.warmup_epochs,
+        min_lr=section.min_lr,
+    )
+
+
+@dataclass
+class History:
+    """What a stage plots and resumes: per logged step and per epoch."""
+
+    steps: list[dict] = field(default_factory=list)  # step, epoch, loss, lr
+    epochs: list[dict] = field(default_factory=list)  # epoch, loss, img_per_s, seconds, ...
+
+
+@dataclass
+class EpochLoop:
+    """One optimisation loop shared by the training stages.
+
+    `forward(batch) -> loss` computes a micro-batch's loss; the loop sets the lr every
+    optimizer step from `lr_fn(fractional epoch)`, accumulates `accum_iter` micro-batches
+    (without a DDP gradient sync but on the last), clips, steps, and logs `train/loss` (the
+    mean over ranks) and `train/lr` every `log_every` steps. Losses stay on the device
+    between log points, so a GPU never waits for the host; a non-finite loss stops the run
+    at the next log point or the end of the epoch, before any checkpoint of it is written.
+    """
+
+    optimizer: torch.optim.Optimizer
+    lr_fn: Any  # fractional epoch -> lr
+    steps_per_epoch: int  # optimizer steps
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    log_every: int = 10
+    hint: str = ""  # appended to the divergence message: what to change
+    dist: Dist = field(default_factory=Dist)
+    ddp: Any = None  # the DistributedDataParallel module, for `no_sync` while accumulating
+
+    def run(self, epoch: int, batches, forward, run, history: list[dict]) -> dict:
+        micro_steps = self.steps_per_epoch * self.accum_iter
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        losses, images, start = [], 0, time.perf_counter()  # losses stay on the device
+        step, lr = epoch * self.steps_per_epoch, self.lr_fn(epoch)
+        for it, batch in enumerate(batches):
+            if it >= micro_steps:
+                break  # a partial accumulation at the end of an epoch is not applied
+            if it % self.accum_iter == 0:
+                lr = self.lr_fn(epoch + it / micro_steps)
+                set_lr(optimizer, lr)
+            last = (it + 1) % self.accum_iter == 0
+            with self._sync(last):
+                loss = forward(batch)
+                (loss / self.accum_iter).backward()
+            losses.append(loss.detach().float())
+            images += len(batch["label"])
+            if last:
+                if self.clip_grad is not None:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % self.log_every == 0:
+                    value = self._mean(losses[-1])
+                    self._check(value, epoch, losses)
+                    history.append(
+                        {"step": step, "epoch": epoch + it / micro_steps, "loss": value, "lr": lr}
+                    )
+                    run.log_metrics({"train/loss": value, "train/lr": lr}, step=step)
+        mean = self._mean(torch.stack(losses).mean()) if losses else 0.0
+        self._check(mean, epoch, losses)
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": epoch + 1,
+            "loss": mean,
+            "img_per_s": images * self.dist.world_size / seconds,
+            "seconds": seconds,
+        }
+
+    def _sync(self, last: bool):
+        if last or self.ddp is None:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _mean(self, loss: torch.Tensor) -> float:
+        """The mean over ranks (every rank calls this at the same step)."""
+        return self.dist.sum(loss.clone()).item() / self.dist.world_size
+
+    def _check(self, value: float, epoch: int, losses: list[torch.Tensor]) -> None:
+        """Stop on a non-finite mean loss, naming this rank's first bad micro-step."""
+        if math.isfinite(value):
+            return
+        bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+        it = int(bad[0]) if len(bad) else -1
+        if it < 0:  # another rank's loss went bad; this rank's stayed finite
+            where = f"in epoch {epoch + 1}"
+        else:
+            micro_steps = self.steps_per_epoch * self.accum_iter
+            lr = self.lr_fn(epoch + (it - it % self.accum_iter) / micro_steps)
+            step = epoch * self.steps_per_epoch + it // self.accum_iter
+            where = f"at step {step} (epoch {epoch + 1}, lr {lr:.3g})"
+        raise Diverged(
+            f"loss is {value} {where}; the last good checkpoint is kept. {self.hint}".rstrip()
+        )

@@ -1,0 +1,214 @@
+"""The one skeleton every training stage runs in (`run_stage`): resume from the newest
+checkpoint, start or reopen the stage's MLflow run (rank 0 alone talks to MLflow), log its
+params and dataset once, train epoch by epoch with a checkpoint after each, keep the best
+epoch on validation where the stage validates, write the outputs, clear the checkpoints.
+
+A stage plugs in by subclassing `Stage`: it builds its model, optimizer, generator and
+loop (`derive_lr` and `build_loop` read them off its params section), and says what
+differs: the checkpoint key, the run's name and params, one epoch's training (and
+validation), and its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae.optim import absolute_lr
+from pipeline import reports, tracking
+from pipeline.errors import UserError
+from pipeline.params import Params, flatten
+from pipeline.train.checkpoint import Checkpoints, params_key, rng_state
+from pipeline.train.loop import EpochLoop, History, schedule
+from pipeline.train.runtime import Runtime, resolve_runtime, seed_rank
+
+log = logging.getLogger(__name__)
+
+
+class Stage:
+    """A training stage's state and the hooks `run_stage` calls."""
+
+    name = ""  # the stage: its MLflow tag, its folder under models/, metrics/ and plots/
+    section_name = ""  # the params.yaml section it reads; default: `name`
+    hint = ""  # what to change when the loss diverges
+    curves: tuple[str, ...] = ()  # metrics logged as curves already: the file only
+    p: Params
+    rt: Runtime
+    model: torch.nn.Module  # what checkpoints keep (not its DDP or compiled wrapper)
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # crops, masks, shuffles: drawn for the global batch
+    loop: EpochLoop
+    digest: str  # the manifest's: names the data the run sees
+    parent_id: str | None = None  # the MLflow parent run
+    lr: float
+    effective_batch: int
+
+    def __init__(self, p: Params, rt: Runtime) -> None:
+        self.p, self.rt = p, rt
+        self.section: Any = getattr(p, self.section_name or self.name)
+        self.history = History()
+        self.best: dict = {"top1": -1.0, "epoch": 0, "state": None}
+
+    # ---------------------------------------------------------------- wiring helpers
+    def derive_lr(self) -> None:
+        """The effective batch (batch x accumulation x ranks) and lr = blr x it / 256."""
+        s = self.section
+        self.accum_iter = getattr(s, "accum_iter", 1)
+        self.effective_batch = s.batch_size * self.accum_iter * self.rt.dist.world_size
+        self.lr = absolute_lr(s.blr, self.effective_batch)
+
+    def build_loop(self, batches_per_epoch: int, ddp=None) -> EpochLoop:
+        """The epoch loop for `batches_per_epoch` micro-batches, as the section says."""
+        s, world = self.section, self.rt.dist.world_size
+        steps = batches_per_epoch // self.accum_iter
+        if steps < 1:
+            raise UserError(
+                f"{self.section_name or self.name}.batch_size {s.batch_size} x accum_iter "
+                f"{self.accum_iter} x {world} rank(s) is larger than the train split"
+            )
+        clip = getattr(s, "clip_grad", None)
+        return EpochLoop(
+            self.optimizer,
+            schedule(s, self.lr),
+            steps,
+            self.accum_iter,
+            clip,
+            s.log_every,
+            hint=self.hint,
+            dist=self.rt.dist,
+            ddp=ddp,
+        )
+
+    # ---------------------------------------------------------------- the hooks
+    def key(self) -> tuple:
+        """Everything that determines the result: names the checkpoint folder."""
+        raise NotImplementedError
+
+    def run_name(self) -> str:
+        raise NotImplementedError
+
+    def run_params(self) -> dict:
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int, run) -> dict:
+        """One epoch -> its summary: epoch, loss, img_per_s, seconds, and `val_top1` where
+        the stage validates (the best epoch is then kept), `knn_top1` where it probes."""
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        """Before the first epoch (of this process: after a resume too)."""
+
+    def after_epoch(self, epoch: int, run) -> None:
+        """Rank 0, after an epoch and before its checkpoint."""
+
+    def write_outputs(self, run, out: Path) -> dict:
+        """Rank 0, at the end: the model files into `out`, the plots; -> the metrics."""
+        raise NotImplementedError
+
+    def restore(self, meta: dict) -> None:
+        """From a checkpoint's JSON part (and its extra tensors, `meta["tensors"]`)."""
+        self.history = History(**meta["history"])
+        if "best_top1" in meta:
+            self.best = {
+                "top1": meta["best_top1"],
+                "epoch": meta["best_epoch"],
+                "state": meta["tensors"],
+            }
+
+
+def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
+    """Build a stage and train it, resumably, then write its outputs; -> the MLflow run id.
+    Rank 0 connects to MLflow first, so an unreachable store fails before any work."""
+    rt = resolve_runtime(p.runtime)
+    experiment_id = tracking.connect(p.tracking) if rt.dist.main else None
+    s, d = build(p, rt), rt.dist
+    checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{s.name}-{params_key(*s.key())}")
+    seed_rank(p.runtime.seed, d)  # a checkpoint's own streams replace these on resume
+    meta = checkpoints.resume(d, s.model, s.optimizer, s.generator, s.section.epochs)
+    start, run_id = (meta["epoch"] + 1, meta["run_id"]) if meta else (0, None)
+    if meta:
+        s.restore(meta)
+    with tracking.start_run(
+        experiment_id,
+        stage=s.name,
+        digest=s.digest,
+        run_name=s.run_name() if d.main else "",
+        run_id=run_id,
+        parent_id=s.parent_id,
+        enabled=d.main,
+    ) as run:
+        if d.main and not run.resumed:
+            run.log_params(s.run_params())
+            manifest = Path(p.data.shards) / "manifest.json"
+            run.log_dataset(manifest, s.digest, f"{p.data.source}/train", "training")
+        s.begin()
+        for epoch in range(start, s.section.epochs):
+            summary = s.train_epoch(epoch, run)
+            s.history.epochs.append(summary)
+            run.log_metrics(_epoch_metrics(s.name, summary), step=epoch + 1)
+            log.info(_epoch_line(s.name, s.section.epochs, summary))
+            if summary.get("val_top1", -1.0) > s.best["top1"]:  # on validation, never test
+                state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+                s.best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
+            rngs = d.gather(rng_state())  # every rank's, for rank 0's checkpoint
+            if not d.main:
+                continue
+            s.after_epoch(epoch, run)
+            best = {"best_top1": s.best["top1"], "best_epoch": s.best["epoch"]}
+            saved = checkpoints.save(
+                epoch,
+                s.model,
+                s.optimizer,
+                s.generator,
+                {"run_id": run.id, "history": s.history.__dict__, **best},
+                extra_tensors=s.best["state"],
+                rng_states=rngs,
+            )
+            log.info("checkpoint saved: %s", saved)
+        if d.main:
+            _finish(s, run)
+            checkpoints.clear()  # done: a later run with these params starts afresh
+    return run.id
+
+
+def _epoch_metrics(stage: str, summary: dict) -> dict:
+    metrics = {f"epoch/{k}": summary[k] for k in ("loss", "img_per_s", "seconds")}
+    if "val_top1" in summary:
+        metrics["val/top1"] = summary["val_top1"]
+    if "knn_top1" in summary:
+        metrics |= {f"{stage}/knn_top1": summary["knn_top1"], "knn/seconds": summary["knn_s"]}
+    return metrics
+
+
+def _epoch_line(stage: str, epochs: int, e: dict) -> str:
+    scores = "".join(
+        f", {label} {e[key]:.4f}"
+        for key, label in (("val_top1", "val top-1"), ("knn_top1", "k-NN top-1"))
+        if key in e
+    )
+    return (
+        f"{stage} epoch {e['epoch']}/{epochs}: loss {e['loss']:.4f}{scores}, "
+        f"{e['img_per_s']:.0f} img/s, {e['seconds']:.1f} s"
+    )
+
+
+def _finish(s: Stage, run) -> None:
+    """The outputs every stage writes: its model folder, metrics and params; `run_id`
+    last, as its presence means "complete"."""
+    p = s.p
+    out = Path(p.paths.models) / s.name
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = s.write_outputs(run, out)
+    for path in sorted(out.iterdir()):
+        if path.suffix in (".safetensors", ".json"):
+            run.log_file(path, "model")
+    logged = {k: v for k, v in metrics.items() if k not in s.curves}
+    run.log_metrics({f"{s.name}/{k}": v for k, v in logged.items()})
+    reports.write_metrics(Path(p.paths.metrics) / f"{s.name}.json", metrics)
+    run.log_bytes(json.dumps(flatten(p), indent=2).encode(), "params.json")
+    (out / "run_id").write_text(run.id + "\n")
