@@ -1,310 +1,255 @@
-"""params.yaml, read once into frozen, typed, validated dataclasses.
+"""params.yaml, read once into frozen, typed, checked sections (pydantic models).
 
-Every section is a dataclass; its fields are the allowed keys, their annotations the
-types. An unknown key, a wrong type or a bad value raises `ParamsError` naming the full
-key (e.g. `data.val_fraction`) before any work starts.
+params.yaml is the one place the defaults live: the models below say which keys exist,
+their types and their ranges, and every key must be in the file. An unknown or missing
+key, a wrong type or a bad value raises `ParamsError` naming the full key (e.g.
+`data.val_fraction`) before any work starts. A partial file (a recipe, a test's project)
+is merged over params.yaml first: `merge`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from pipeline.errors import ParamsError, UserError
 
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ParamsError(key, message)
-
-
-@dataclass(frozen=True)
-class DataParams:
-    source: Literal["fashion-mnist", "idx", "imagefolder"] = "fashion-mnist"
-    root: str = "/usr/share/datasets/fashion-mnist"  # IDX folder or ImageFolder root
-    shards: str = "data/shards"  # output folder: {train,val,test}-NNNNNN.tar + manifest.json
-    val_fraction: float = 0.1  # carved from train, stratified by class
-    test_fraction: float = 0.1  # carved from train only when the source has no test split
-    class_names: list[str] | None = None  # idx only; default "0".."9"
-    channels: Literal["auto", "1", "3"] = "auto"  # imagefolder: auto = 1 if all grayscale
-    shard_max_count: int = 10000  # samples per shard
-    shard_max_mb: float = 256.0  # MB per shard
-    on_bad_input: Literal["fail", "skip"] = "fail"
-    workers: int = 2  # processes used by the shard stage
-    seed: int = 0  # the split and the order of samples in the shards
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
-        _require(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)")
-        _require(
-            self.val_fraction + self.test_fraction < 1,
-            "val_fraction",
-            "val_fraction + test_fraction must be below 1",
-        )
-        _require(self.shard_max_count >= 1, "shard_max_count", "must be at least 1")
-        _require(self.shard_max_mb > 0, "shard_max_mb", "must be positive")
-        _require(self.workers >= 0, "workers", "must be 0 or more")
-        if self.class_names is not None:
-            _require(
-                len(set(self.class_names)) == len(self.class_names) > 0,
-                "class_names",
-                "must be a non-empty list of distinct names",
-            )
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=1)]
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    name: str = "mae_vit_tiny_patch7_28"  # a preset from `mae-cli models`
+class Section(BaseModel):
+    # strict: YAML's 1 is no bool and "1" no int; floats take ints
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    def __post_init__(self) -> None:
+
+class DataParams(Section):
+    source: Literal["fashion-mnist", "idx", "imagefolder"]
+    root: str
+    shards: str
+    val_fraction: Fraction
+    test_fraction: Fraction
+    class_names: list[str] | None
+    channels: Literal["auto", "1", "3"]
+    shard_max_count: Count
+    shard_max_mb: Positive
+    on_bad_input: Literal["fail", "skip"]
+    workers: Annotated[int, Field(ge=0)]
+    seed: int
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("class_names")
+    @classmethod
+    def _distinct(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and not len(set(names)) == len(names) > 0:
+            raise ValueError("must be a non-empty list of distinct names")
+        return names
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions(cls, value: float, info: ValidationInfo) -> float:
+        if value + info.data.get("val_fraction", 0) >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return value
+
+
+class ModelParams(Section):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _preset(cls, name: str) -> str:
         from mae.config import PRESETS
 
-        _require(
-            self.name in PRESETS,
-            "name",
-            f"unknown model {self.name!r}; choose one of: {', '.join(PRESETS)}",
-        )
+        if name not in PRESETS:
+            raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+        return name
 
 
-@dataclass(frozen=True)
-class PretrainParams:
-    mask_ratio: float = 0.75  # fraction of patches removed (the paper's 75%)
-    norm_pix_loss: bool = True  # regress per-patch normalised pixels (paper Table 1c)
-    epochs: int = 7
-    warmup_epochs: float = 1.0  # linear warm-up, then half-cycle cosine
-    batch_size: int = 256  # per device and step
-    accum_iter: int = 1  # gradient accumulation: effective batch = batch_size x accum x ranks
-    blr: float = 1.5e-3  # base lr; lr = blr x effective batch / 256 (10x the paper's)
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    clip_grad: float | None = None  # max gradient norm; null = no clipping
-    log_every: int = 10  # optimizer steps between train/loss, train/lr points
-    recon_every: int = 2  # epochs between reconstruction grids (and one at the end)
-    probe_every: int = 4  # epochs between k-NN probes on val (and one at the end); 0: off
-    knn_bank: int | None = 10000  # train images in the bank (a fixed random subset); None: all
-    knn_k: int = 20  # neighbours that vote
-    knn_t: float = 0.07  # vote weight exp(cosine similarity / knn_t)
+class Schedule(Section):
+    """What every training section has: epochs, warm-up + cosine, batch, base lr."""
 
-    def __post_init__(self) -> None:
-        _require(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
-        _common_checks(self)
-        _require(self.recon_every >= 1, "recon_every", "must be at least 1")
-        _require(self.probe_every >= 0, "probe_every", "must be 0 (off) or more")
-        _require(self.knn_k >= 1, "knn_k", "must be at least 1")
-        _require(self.knn_bank is None or self.knn_bank >= 1, "knn_bank", "must be null or >= 1")
-        _require(self.knn_t > 0, "knn_t", "must be positive")
+    epochs: Count
+    warmup_epochs: NonNegative
+    batch_size: Count
+    blr: Positive
+    min_lr: NonNegative
+    weight_decay: NonNegative
+    log_every: Count
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup(cls, value: float, info: ValidationInfo) -> float:
+        if value > info.data.get("epochs", value):
+            raise ValueError("must be in [0, epochs]")
+        return value
 
 
-@dataclass(frozen=True)
-class FinetuneParams:
-    epochs: int = 2
-    warmup_epochs: float = 0.5
-    batch_size: int = 256  # per device and step
-    accum_iter: int = 1
-    blr: float = 2e-3  # lr = blr x effective batch / 256 (the official fine-tuning rule)
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 0.85  # layer-wise lr decay (BEiT/MAE)
-    drop_path: float = 0.1
-    smoothing: float = 0.1  # label smoothing
-    mixup: float = 0.0  # mixup alpha; 0 = off
-    cutmix: float = 0.0  # cutmix alpha; 0 = off
-    randaugment: bool = False  # RandAugment(2, 9) (per-image CPU path)
-    reprob: float = 0.0  # random erasing probability (per-image CPU path)
-    scale_min: float = 0.6  # RandomResizedCrop scale (min, 1)
-    clip_grad: float | None = None
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        _common_checks(self)
-        _require(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
-        for key in ("drop_path", "smoothing", "reprob"):
-            _require(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
-        for key in ("mixup", "cutmix"):
-            _require(getattr(self, key) >= 0, key, "must be 0 or more")
-        _require(0 < self.scale_min <= 1, "scale_min", "must be in (0, 1]")
+class PretrainParams(Schedule):
+    mask_ratio: Fraction
+    norm_pix_loss: bool
+    accum_iter: Count
+    clip_grad: Positive | None
+    recon_every: Count
+    probe_every: Annotated[int, Field(ge=0)]
+    knn_bank: Count | None
+    knn_k: Count
+    knn_t: Positive
 
 
-@dataclass(frozen=True)
-class LinprobeParams:
-    epochs: int = 60  # cheap with cached features
-    warmup_epochs: float = 3.0
-    batch_size: int = 512
-    blr: float = 3.0  # lr = blr x batch / 256 (LARS, as the paper's linear probe)
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    optimizer: Literal["lars", "sgd"] = "lars"
-    pool: Literal["cls", "avg"] = "avg"  # the feature: patch average or cls token (paper)
-    augment: bool = False  # false: encoder features computed once and cached
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        _common_checks(self)
+class FinetuneParams(Schedule):
+    accum_iter: Count
+    layer_decay: Annotated[float, Field(gt=0, le=1)]
+    drop_path: Fraction
+    smoothing: Fraction
+    mixup: NonNegative
+    cutmix: NonNegative
+    randaugment: bool
+    reprob: Fraction
+    scale_min: Annotated[float, Field(gt=0, le=1)]
+    clip_grad: Positive | None
 
 
-def _common_checks(p) -> None:
-    """The schedule and optimizer keys the training sections share (those they have)."""
-    _require(p.epochs >= 1, "epochs", "must be at least 1")
-    _require(0 <= p.warmup_epochs <= p.epochs, "warmup_epochs", "must be in [0, epochs]")
-    for key in ("batch_size", "accum_iter", "log_every"):
-        _require(getattr(p, key, 1) >= 1, key, "must be at least 1")
-    for key in ("min_lr", "weight_decay"):
-        _require(getattr(p, key) >= 0, key, "must be 0 or more")
-    _require(p.blr > 0, "blr", "must be positive")
-    clip = getattr(p, "clip_grad", None)
-    _require(clip is None or clip > 0, "clip_grad", "must be positive or null")
+class LinprobeParams(Schedule):
+    optimizer: Literal["lars", "sgd"]
+    pool: Literal["cls", "avg"]
+    augment: bool
 
 
-@dataclass(frozen=True)
-class RuntimeParams:
-    seed: int = 0  # model init, masking, data order, augmentation
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model
-    num_workers: int = 1  # data loader processes per rank (0: load in the training process)
-    nproc: int | Literal["auto"] = "auto"  # ranks on this machine (auto: one per GPU, 1 on CPU)
-
-    def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, "num_workers", "must be 0 or more")
-        _require(self.nproc == "auto" or self.nproc >= 1, "nproc", "must be auto or at least 1")
+class RuntimeParams(Section):
+    seed: Annotated[int, Field(ge=0)]
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "fp32", "bf16"]
+    compile: bool
+    num_workers: Annotated[int, Field(ge=0)]
+    nproc: Count | Literal["auto"]
 
 
-@dataclass(frozen=True)
-class TrackingParams:
-    experiment: str = "mae"  # MLflow experiment
-    uri: str | None = None  # null: sqlite:///<project>/mlflow.db; MLFLOW_TRACKING_URI wins
+class TrackingParams(Section):
+    experiment: str
+    uri: str | None
 
-    def __post_init__(self) -> None:
-        _require(bool(self.experiment.strip()), "experiment", "must not be empty")
-
-
-@dataclass(frozen=True)
-class PathsParams:
-    models: str = "models"  # <models>/<stage>/: weights, config, run_id
-    metrics: str = "metrics"  # <metrics>/<stage>.json
-    plots: str = "plots"  # <plots>/<stage>/: curves as CSV (for dvc plots) and PNG
-    checkpoints: str = ".checkpoints"  # resume state, keyed by params; not a DVC output
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("must not be empty")
+        return name
 
 
-@dataclass(frozen=True)
-class Params:
-    data: DataParams = field(default_factory=DataParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    pretrain: PretrainParams = field(default_factory=PretrainParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    linprobe: LinprobeParams = field(default_factory=LinprobeParams)
-    runtime: RuntimeParams = field(default_factory=RuntimeParams)
-    tracking: TrackingParams = field(default_factory=TrackingParams)
-    paths: PathsParams = field(default_factory=PathsParams)
+class PathsParams(Section):
+    models: str
+    metrics: str
+    plots: str
+    checkpoints: str
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """A params dataclass as {"section.key": value}, e.g. for MLflow params."""
+class Params(Section):
+    data: DataParams
+    model: ModelParams
+    pretrain: PretrainParams
+    finetune: FinetuneParams
+    linprobe: LinprobeParams
+    runtime: RuntimeParams
+    tracking: TrackingParams
+    paths: PathsParams
+
+
+def flatten(obj: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """A params model as {"section.key": value}, e.g. for MLflow params."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, f"{key}."))
-        else:
-            out[key] = value
+    for name in type(obj).model_fields:
+        value, key = getattr(obj, name), f"{prefix}{name}"
+        out |= flatten(value, f"{key}.") if isinstance(value, BaseModel) else {key: value}
     return out
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true or false",
-        type(None): "null",
-    }.get(tp, getattr(tp, "__name__", str(tp)))
+def _key(err: dict) -> str:
+    """pydantic's error location -> the params key: the field names, not the union tags;
+    an unknown key is named itself."""
+    model, parts = Params, []
+    for item in err["loc"]:
+        fields = getattr(model, "model_fields", {})
+        if item not in fields:
+            if err["type"] == "extra_forbidden":
+                parts.append(str(item))
+            break
+        parts.append(str(item))
+        model = fields[item].annotation
+    return ".".join(parts)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` as type `tp`, or ParamsError naming `key`. Ints are accepted as floats."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is Literal:
-        for allowed in typing.get_args(tp):
-            if value == allowed or (isinstance(allowed, str) and str(value) == allowed):
-                return allowed
-    elif origin in (types.UnionType, typing.Union):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ParamsError:
-                pass
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(value, tp) and not isinstance(value, bool):
-        return value
-    raise ParamsError(key, f"expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(prefix, f"expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            raise ParamsError(
-                f"{prefix}.{key}" if prefix else str(key),
-                f"unknown key; allowed: {', '.join(names)}",
-            )
-    values = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    try:
-        return cls(**values)
-    except ParamsError as err:
-        if not prefix:
-            raise
-        raise ParamsError(f"{prefix}.{err.key}", err.message) from None
+def _allowed(key: str) -> str:
+    model = Params
+    for part in key.split(".")[:-1]:
+        model = model.model_fields[part].annotation
+    return ", ".join(model.model_fields)
 
 
 def parse_params(raw: Any) -> Params:
-    """A params mapping (as from YAML) -> validated `Params`."""
-    return _build(Params, raw, "")
+    """A params mapping (as from YAML) -> validated `Params`; the first bad key named."""
+    if not isinstance(raw, dict):
+        raise UserError(f"expected sections of keys (data:, model:, ...), got {raw!r}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:  # an unknown key first: it may be a misspelt missing one
+        errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
+    first, key = errors[0], _key(errors[0])
+    if first["type"] == "extra_forbidden":
+        raise ParamsError(key, f"unknown key; allowed: {_allowed(key)}")
+    if first["type"] == "missing":
+        raise ParamsError(key, "missing (every key has its value in params.yaml)")
+    if first["type"] == "value_error":  # ours: says what it needs
+        raise ParamsError(key, first["msg"].removeprefix("Value error, "))
+    same = dict.fromkeys(x["msg"] for x in errors if _key(x) == key)
+    raise ParamsError(key, f"{' or '.join(same)}, got {first['input']!r}")
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
+def merge(base: dict, overrides: dict) -> dict:
+    """`overrides` (sections of keys) over `base`, one level deep, as a recipe applies."""
+    merged = {k: dict(v or {}) for k, v in base.items()}
+    for section, values in overrides.items():
+        if not isinstance(values, dict):
+            raise UserError(f"section {section!r} must be a mapping of keys")
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def read_yaml(path: Path | str) -> Any:
     path = Path(path)
     try:
-        text = path.read_text()
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"params file not found: {path}") from None
-    try:
-        raw = yaml.safe_load(text)
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a params file (YAML text)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: invalid YAML{where}") from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    raw = read_yaml(path)
     try:
         return parse_params(raw)
     except ParamsError as err:
         raise ParamsError(err.key, f"{err.message} (in {path})") from None
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.factory import idx_dataset
+from tests.factory import idx_dataset, project_params
 
 PARAMS = {
     "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
@@ -58,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         idx_dataset(folder / "raw", n_train=200, n_test=40, size=16)
-        (folder / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+        (folder / "params.yaml").write_text(yaml.safe_dump(project_params(PARAMS)))
         for stage in STAGES:
             cmd = [sys.executable, "-m", "pipeline.cli", stage]
             done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)

@@ -9,7 +9,25 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_params(overrides: dict | None = None) -> dict:
+    """A whole params file: the project's params.yaml with `overrides` (sections of keys)
+    merged over it, as a test's project or a recipe writes it."""
+    from pipeline.params import merge
+
+    return merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides or {})
+
+
+def data_params(**keys):
+    """The project's DataParams with `keys` changed."""
+    from pipeline.params import parse_params
+
+    return parse_params(project_params({"data": keys})).data
 
 
 def write_idx(
@@ -102,9 +120,7 @@ def imagefolder(
 
 def folder_params(tmp_path: Path, root: Path, **kw):
     """DataParams for an ImageFolder at `root`, shards in `tmp_path`/shards."""
-    from pipeline.params import DataParams
-
-    return DataParams(source="imagefolder", root=str(root), shards=str(tmp_path / "shards"), **kw)
+    return data_params(source="imagefolder", root=str(root), shards=str(tmp_path / "shards"), **kw)
 
 
 def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
@@ -153,15 +169,13 @@ def dvc_repo(tmp_path: Path, params: dict) -> Path:
     """A git + DVC repo holding this project's code, dvc.yaml and the given params."""
     import shutil
 
-    import yaml
-
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     repo = tmp_path / "repo"
     repo.mkdir()
     for folder in ("mae", "pipeline"):
         shutil.copytree(root / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(root / "dvc.yaml", repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
     (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/.checkpoints/\n")
     for cmd in (
         ["git", "init", "-q"],

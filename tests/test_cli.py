@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mae import mae_config
 from mae.flops import mae_step_flops
 from pipeline.cli import app
-from tests.factory import shard_set
+from tests.factory import project_params, shard_set
 
 runner = CliRunner()
 
@@ -77,7 +78,8 @@ def test_bench_prints_json_figures():
 
 def test_bench_step_reads_the_shards_and_prints_its_figures(tmp_path):
     shards = shard_set(tmp_path / "shards", [20, 20], size=16)
-    (tmp_path / "p.yaml").write_text(f"data: {{shards: {shards}}}\nruntime: {{num_workers: 0}}\n")
+    params = project_params({"data": {"shards": str(shards)}, "runtime": {"num_workers": 0}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     args = ["--model", "mae_vit_test", "--batch-size", "8", "--steps", "6", "--warmup", "0"]
     result = runner.invoke(
         app,

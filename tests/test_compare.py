@@ -6,6 +6,7 @@ import mlflow
 
 from pipeline.params import parse_params
 from pipeline.tools.compare import compare_rows, format_rows, plot_rows
+from tests.factory import project_params
 
 
 def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):
@@ -30,7 +31,7 @@ def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):
 
 def test_runs_that_differ_in_more_than_the_mask_ratio_are_separate_series(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = parse_params({"tracking": {"uri": uri, "experiment": "cmp"}})
+    p = parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
     long_a = _pretrain_run(client, experiment, 0.75, 6, 0.86)
@@ -95,7 +96,9 @@ def test_commits_that_change_no_code_stay_in_one_series(tmp_path, monkeypatch):
         _pretrain_run(client, experiment, r, 6, 0.85, commit=c)
         for r, c in zip((0.5, 0.75, 0.9), commits, strict=True)
     ]
-    rows = compare_rows(parse_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    rows = compare_rows(
+        parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    )
     series = {r["run_id"]: r["series"] for r in rows}
     assert series[ids[0]] == series[ids[1]] != series[ids[2]]
     assert {r["differs"]["git.commit"] for r in rows} == {commits[0], commits[2]}

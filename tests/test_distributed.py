@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from pipeline.train.distributed import Dist, resolve_nproc
-from tests.factory import shard_set
+from tests.factory import project_params, shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]
 
@@ -182,10 +183,12 @@ def test_a_failing_rank_stops_the_launch_with_one_line_and_a_non_zero_exit(tmp_p
     import subprocess
     import sys
 
-    (tmp_path / "params.yaml").write_text(
-        "data: {shards: nowhere}\nruntime: {nproc: 2, device: cpu}\n"
-        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
-    )
+    params = {
+        "data": {"shards": "nowhere"},
+        "runtime": {"nproc": 2, "device": "cpu"},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "pretrain"],

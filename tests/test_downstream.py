@@ -18,7 +18,7 @@ from pipeline.stages.finetune import run_finetune
 from pipeline.stages.linprobe import run_linprobe
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.scratch import run_scratch
-from tests.factory import bands_dataset, idx_dataset
+from tests.factory import bands_dataset, idx_dataset, project_params
 
 PARAMS = {
     "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
@@ -40,7 +40,7 @@ def pretrained(tmp_path_factory):
         **PARAMS,
         "tracking": {**PARAMS["tracking"], "uri": f"sqlite:///{folder / 'mlflow.db'}"},
     }
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    (folder / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
     cwd = os.getcwd()
     os.chdir(folder)
     try:
@@ -171,7 +171,7 @@ def test_evaluate_refuses_shards_of_another_dataset(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"].update(root=str(tmp_path / "raw"), shards=str(tmp_path / "shards"))
     other = tmp_path / "params.yaml"
-    other.write_text(yaml.safe_dump(params))
+    other.write_text(yaml.safe_dump(project_params(params)))
     run_shard(load_params(other).data)
     with pytest.raises(UserError, match=f"run {run_id} was trained on other shards"):
         evaluate_run(load_params(other), run_id)
@@ -181,14 +181,14 @@ def test_unreachable_store_is_a_user_error(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"]["uri"] = "http://127.0.0.1:9"
     bad = tmp_path / "params.yaml"
-    bad.write_text(yaml.safe_dump(params))
+    bad.write_text(yaml.safe_dump(project_params(params)))
     with pytest.raises(UserError, match="cannot reach the MLflow tracking store at http"):
         evaluate_run(load_params(bad), "0123456789abcdef")
 
 
 def test_downstream_needs_the_pretrained_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text(yaml.safe_dump(PARAMS))
+    Path("params.yaml").write_text(yaml.safe_dump(project_params(PARAMS)))
     idx_dataset(tmp_path / "raw", n_train=100, n_test=20, size=16)
     run_shard(load_params("params.yaml").data)
     with pytest.raises(UserError, match=r"no pretrained model: models/pretrain/config.json"):
@@ -200,7 +200,7 @@ def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(pr
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["finetune"] = {**raw["finetune"], "epochs": 3}
-    (project / "params-3.yaml").write_text(yaml.safe_dump(raw))
+    (project / "params-3.yaml").write_text(yaml.safe_dump(project_params(raw)))
     p = load_params("params-3.yaml")
     reference = run_finetune(p)
     expected = load_file(str(project / "models/finetune/model.safetensors"))
@@ -257,7 +257,7 @@ def test_fine_tuning_learns_what_is_learnable(tmp_path, monkeypatch):
         },
         "tracking": {"experiment": "test", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    Path("params.yaml").write_text(yaml.safe_dump(project_params(params)))
     run_shard(load_params("params.yaml").data)
     (result,) = evaluate_run(load_params("params.yaml"), run_scratch(load_params("params.yaml")))
     assert result["count"] == 200

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.factory import dvc_repo, idx_dataset, run_cmd
+from tests.factory import dvc_repo, idx_dataset, project_params, run_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,5 +40,5 @@ def test_dvc_repro_shard_is_cached_and_reproducible(repo):
     # data.workers never changes the shards, so it is not a dependency
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["workers"] = 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
     assert "didn't change, skipping" in run_cmd(["dvc", "repro", "shard"], repo)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mae.optim import build_adamw
-from pipeline.params import RuntimeParams, load_params
+from pipeline.params import load_params
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.tools.bench import bench_train_step
 from pipeline.train.runtime import resolve_runtime
+from tests.factory import ROOT
 from tests.test_distributed import check_same_training, run_one_and_two_ranks
 from tests.test_pretrain import make_project
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_auto_runtime_is_cuda_in_bf16():
-    rt = resolve_runtime(RuntimeParams())
+    rt = resolve_runtime(load_params(ROOT / "params.yaml").runtime)
     assert rt.device.type == "cuda" and rt.amp_dtype == torch.bfloat16
 
 

@@ -13,8 +13,7 @@ from pipeline.data.loader import Augment, batches_per_epoch, build_loader, rank_
 from pipeline.data.shard import run_shard
 from pipeline.data.tarindex import index_shards, pgm
 from pipeline.errors import UserError
-from pipeline.params import DataParams
-from tests.factory import folder_params, idx_dataset, imagefolder, shard_set
+from tests.factory import data_params, folder_params, idx_dataset, imagefolder, shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]  # 7 shards, 59 samples
 
@@ -144,7 +143,7 @@ def test_two_ranks_three_workers_eval_every_sample_exactly_once(tmp_path):
 
 def test_batches_have_the_configured_shape_and_normalisation(tmp_path):
     idx_dataset(tmp_path / "raw", n_train=200, size=12)
-    p = DataParams(
+    p = data_params(
         source="idx", root=str(tmp_path / "raw"), shards=str(tmp_path / "shards"), workers=0
     )
     manifest = run_shard(p)

@@ -1,6 +1,5 @@
 """The shard stage: deterministic shards, stratified split, and no input lost silently."""
 
-import dataclasses
 import hashlib
 import json
 import tarfile
@@ -12,11 +11,11 @@ import pytest
 from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
 from pipeline.params import DataParams
-from tests.factory import folder_params, idx_dataset, imagefolder, write_idx
+from tests.factory import data_params, folder_params, idx_dataset, imagefolder, write_idx
 
 
 def idx_params(tmp_path: Path, **kw) -> DataParams:
-    return DataParams(
+    return data_params(
         source="idx",
         root=str(tmp_path / "raw"),
         shards=str(tmp_path / "shards"),
@@ -40,7 +39,7 @@ def test_two_writes_give_the_same_bytes_whatever_the_worker_count(tmp_path):
     p = idx_params(tmp_path)
     run_shard(p)
     first = shard_bytes(Path(p.shards))
-    run_shard(dataclasses.replace(p, workers=2))
+    run_shard(p.model_copy(update={"workers": 2}))
     assert shard_bytes(Path(p.shards)) == first
     assert sorted(first) == [
         "manifest.json",
@@ -131,7 +130,7 @@ def test_imagefolder_with_split_subtrees_uses_them(tmp_path):
 
 def test_fashion_mnist_checksums_are_verified(tmp_path):
     idx_dataset(tmp_path / "raw")
-    p = dataclasses.replace(idx_params(tmp_path), source="fashion-mnist")
+    p = idx_params(tmp_path).model_copy(update={"source": "fashion-mnist"})
     with pytest.raises(
         UserError,
         match=r"train-images-idx3-ubyte.gz: checksum mismatch: "
@@ -141,7 +140,7 @@ def test_fashion_mnist_checksums_are_verified(tmp_path):
 
 
 def test_missing_fashion_mnist_says_where_to_get_it(tmp_path):
-    p = DataParams(root=str(tmp_path / "nowhere"), shards=str(tmp_path / "shards"))
+    p = data_params(root=str(tmp_path / "nowhere"), shards=str(tmp_path / "shards"))
     with pytest.raises(
         UserError,
         match=r"Fashion-MNIST not found .*dataset-fashion-mnist.*"
@@ -220,7 +219,7 @@ def test_bad_input_fails_with_one_line_naming_it_and_leaves_nothing_half_written
 @pytest.mark.parametrize(("source", "case"), BAD_CASES)
 def test_bad_input_is_skipped_and_recorded_under_skip(tmp_path, source, case):
     p, _expected = (_bad_imagefolder if source == "imagefolder" else _bad_idx)(tmp_path, case)
-    manifest = run_shard(dataclasses.replace(p, on_bad_input="skip"))
+    manifest = run_shard(p.model_copy(update={"on_bad_input": "skip"}))
     reasons = [s["reason"] for s in manifest["skipped"]]
     assert any(r.startswith(SKIP_REASONS[case]) for r in reasons), reasons
     for source_split, acc in manifest["accounting"].items():

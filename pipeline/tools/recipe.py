@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.params import ParamsError, parse_params
+from pipeline.params import merge, parse_params, read_yaml
 
 
 def _leaves(raw: dict, prefix: str = "") -> dict:
@@ -31,21 +31,12 @@ def _leaves(raw: dict, prefix: str = "") -> dict:
 
 def overrides(recipe: Path, params: Path = Path("params.yaml")) -> list[str]:
     """-> ["section.key=value", ...] for every leaf of the recipe."""
-    try:
-        raw = yaml.safe_load(recipe.read_text()) or {}
-        base = yaml.safe_load(params.read_text()) or {}
-    except FileNotFoundError as err:
-        raise UserError(f"file not found: {err.filename}") from None
+    raw = read_yaml(recipe) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{recipe}: expected sections of keys, like params.yaml")
-    merged = {k: dict(v or {}) for k, v in base.items()}
-    for section, values in raw.items():
-        if not isinstance(values, dict):
-            raise UserError(f"{recipe}: section {section!r} must be a mapping of keys")
-        merged.setdefault(section, {}).update(values)
     try:
-        parse_params(merged)
-    except ParamsError as err:
+        parse_params(merge(read_yaml(params), raw))
+    except UserError as err:
         raise UserError(f"{recipe}: {err}") from None
     dump = lambda v: yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()  # noqa: E731
     return [f"{k}={dump(v)}" for k, v in _leaves(raw).items()]
