@@ -116,8 +116,9 @@ PRESETS: dict[str, MAEConfig] = {
         decoder_depth=4,
         decoder_num_heads=8,
     ),
-    # Fashion-MNIST on a CPU: 28x28x1 images, 4x4 patches -> 7x7 = 49 tokens.
-    "mae_vit_small_patch4_28": MAEConfig(
+    # Fashion-MNIST on a CPU: 28x28x1 images, 4x4 patches -> 7x7 = 49 tokens; half a
+    # ViT-Ti (192 wide, 6 deep). Named mae_vit_small_patch4_28 until 2026-11-27.
+    "mae_vit_mini_patch4_28": MAEConfig(
         img_size=28,
         patch_size=4,
         in_chans=1,
@@ -166,8 +167,14 @@ PRESETS: dict[str, MAEConfig] = {
 }
 
 
+# old name -> new name: a params file with an old name fails, saying the new one
+RENAMED = {"mae_vit_small_patch4_28": "mae_vit_mini_patch4_28"}
+
+
 def mae_config(name: str, **overrides: Any) -> MAEConfig:
     """The preset `name` with `overrides` applied (validated like any config)."""
+    if name in RENAMED:
+        raise ValueError(f"model {name!r} is now called {RENAMED[name]!r}")
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     base = PRESETS[name].to_dict()

@@ -39,16 +39,11 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file to 
 @app.command()
 def shard(params: Path = PARAMS) -> None:
     """Raw source (data.source) -> WebDataset shards + manifest.json (data.shards)."""
-    from pipeline.data.manifest import manifest_digest
-    from pipeline.data.shard import run_shard
     from pipeline.params import load_params
-    from pipeline.tracking import connect, log_shard_run
+    from pipeline.stages.shard import run_shard_stage
 
     p = load_params(params)
-    connect(p.tracking)  # an unreachable store fails now, before the work
-    manifest = run_shard(p.data)
-    shards = Path(p.data.shards)
-    log_shard_run(p, manifest, shards / "manifest.json", manifest_digest(shards))
+    manifest = run_shard_stage(p)
     counts = ", ".join(
         f"{s} {v['count']:,} ({len(v['shards'])} shards)" for s, v in manifest["splits"].items()
     )
@@ -207,7 +202,7 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("step")
 def bench_step(
-    model: str = typer.Option("mae_vit_small_patch4_28", help="A name from `mae-cli models`."),
+    model: str = typer.Option("mae_vit_mini_patch4_28", help="A name from `mae-cli models`."),
     img_size: int = typer.Option(None, help="Image side in pixels (default: the model's)."),
     batch_size: int = typer.Option(256, min=1),
     mask_ratio: float = typer.Option(0.75, help="Fraction of patches removed, in [0, 1)."),
@@ -234,31 +229,13 @@ def bench_step(
     of the encoder on visible patches only over mask tokens through the encoder."""
     import json
 
-    from pipeline.tools.bench import bench_train_step
+    from pipeline.tools.bench import bench_train_step, shards_loader
 
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise typer.BadParameter(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if data not in ("synthetic", "shards"):
         raise typer.BadParameter(f"--data must be synthetic or shards, got {data!r}")
-    loader = None
-    if data == "shards":
-        import torch
-
-        from mae import mae_config
-        from pipeline.data.loader import build_loader
-        from pipeline.params import load_params
-
-        p = load_params(params)
-        size = img_size or mae_config(model).image_hw[0]
-        loader = build_loader(
-            p.data.shards,
-            "train",
-            "pretrain",
-            batch_size=batch_size,
-            img_size=size,
-            num_workers=p.runtime.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
+    loader = shards_loader(params, model, img_size, batch_size) if data == "shards" else None
     try:
         result = bench_train_step(
             model,

@@ -75,8 +75,10 @@ class ModelParams(Section):
     @field_validator("name")
     @classmethod
     def _preset(cls, name: str) -> str:
-        from mae.config import PRESETS
+        from mae.config import PRESETS, RENAMED
 
+        if name in RENAMED:
+            raise ValueError(f"{name!r} is now called {RENAMED[name]!r}")
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
         return name

@@ -241,28 +241,6 @@ def stage_runs(experiment_id: str, stage: str) -> list:
     )
 
 
-def log_shard_run(p, manifest: dict, manifest_path: Path, digest: str) -> str:
-    """The shard stage's run: source, counts per split and class, manifest.json."""
-    from pipeline.params import flatten
-
-    experiment_id = connect(p.tracking)
-    with start_run(
-        experiment_id, stage="shard", digest=digest, run_name=f"shard {p.data.source}"
-    ) as run:
-        run.log_params({f"data.{k}": v for k, v in flatten(p.data).items()})
-        counts = {}
-        for split, entry in manifest["splits"].items():
-            counts[f"data/{split}/count"] = entry["count"]
-            counts[f"data/{split}/shards"] = len(entry["shards"])
-            for name, n in entry["per_class"].items():
-                counts[f"data/{split}/class/{metric_name(name)}"] = n
-        counts["data/skipped"] = len(manifest["skipped"])
-        run.log_metrics(counts)
-        run.log_file(manifest_path)
-        run.log_dataset(manifest_path, digest, p.data.source, "source")
-        return run.id
-
-
 def metric_name(name: str) -> str:
     """MLflow metric keys allow letters, digits, '_', '-', '.', ' ' and '/'."""
     return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.loader import Augment, batches_per_epoch, build_loader, rank_batches
+from pipeline.data.loader import Augment, build_loader
+from pipeline.data.plan import batches_per_epoch, rank_batches
 from pipeline.data.shard import run_shard
 from pipeline.data.tarindex import index_shards, pgm
 from pipeline.errors import UserError

@@ -202,7 +202,7 @@ def test_position_embeddings_are_fixed_sincos():
 
 
 def test_initialisation_follows_the_official_code():
-    model = create_mae("mae_vit_small_patch4_28")
+    model = create_mae("mae_vit_mini_patch4_28")
     cfg = model.cfg
     for m in model.modules():
         if isinstance(m, torch.nn.LayerNorm):

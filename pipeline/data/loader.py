@@ -36,68 +36,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
 from pipeline.data.manifest import read_manifest
+from pipeline.data.plan import SHUFFLE_WINDOW, batches_per_epoch, rank_batches
 from pipeline.data.tarindex import ShardIndex, index_shards, pgm
 from pipeline.errors import UserError
 
 Purpose = Literal["pretrain", "finetune", "eval"]
-SHUFFLE_WINDOW = 20_000  # samples shuffled together; more than Fashion-MNIST's train split
-
-
-# ------------------------------------------------------------------ the plan (pure)
-def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) of `parts` near-equal contiguous ranges covering range(total)."""
-    base, extra = divmod(total, parts)
-    bounds = np.cumsum([0] + [base + (i < extra) for i in range(parts)])
-    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(parts)]
-
-
-def epoch_order(
-    counts: list[int], *, epoch: int, seed: int, train: bool, window: int = SHUFFLE_WINDOW
-) -> np.ndarray:
-    """Sample ids (positions in the shards concatenated in manifest order) in epoch order."""
-    if not train:
-        return np.arange(sum(counts))
-    rng = np.random.default_rng([seed, epoch])
-    starts = np.cumsum([0, *counts])
-    order = [np.arange(starts[s], starts[s + 1]) for s in rng.permutation(len(counts))]
-    seq = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
-    for lo in range(0, len(seq), window):
-        seq[lo : lo + window] = rng.permutation(seq[lo : lo + window])
-    return seq
-
-
-def rank_batches(
-    counts: list[int],
-    *,
-    epoch: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    train: bool,
-    window: int = SHUFFLE_WINDOW,
-) -> list[np.ndarray]:
-    """The sample ids of each of `rank`'s batches this epoch, in order."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    order = epoch_order(counts, epoch=epoch, seed=seed, train=train, window=window)
-    if train:
-        steps = len(order) // (world_size * batch_size)  # the same count on every rank
-        return list(
-            order[: steps * world_size * batch_size].reshape(steps, world_size, -1)[:, rank]
-        )
-    lo, hi = _ranges(len(order), world_size)[rank]
-    return [order[i : min(i + batch_size, hi)] for i in range(lo, hi, batch_size)]
-
-
-def batches_per_epoch(
-    counts: list[int], *, world_size: int, batch_size: int, train: bool, rank: int = 0
-) -> int:
-    total = sum(counts)
-    if train:
-        return total // (world_size * batch_size)
-    lo, hi = _ranges(total, world_size)[rank]
-    return -(-(hi - lo) // batch_size)
 
 
 # ------------------------------------------------------------------ transforms

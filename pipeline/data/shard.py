@@ -8,8 +8,6 @@ Output appears atomically: a failed run leaves the previous shards (or none), ne
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -17,12 +15,11 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from pipeline.data.shard_worker import Chunk, ChunkResult, Context, init_worker, write_chunk
 from pipeline.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MD5,
@@ -37,147 +34,8 @@ from pipeline.params import DataParams
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
-@dataclass
-class Chunk:
-    """One shard's worth of work, written by one worker process."""
-
-    split: str
-    number: int
-    items: list[Input]
-
-
-@dataclass
-class ChunkResult:
-    split: str
-    number: int
-    parts: list[dict] = field(default_factory=list)  # {"tmp", "count", "bytes", "sha256"}
-    per_class: dict[int, int] = field(default_factory=dict)
-    written: dict[str, int] = field(default_factory=dict)  # per source split
-    skipped: list[Skipped] = field(default_factory=list)
-    stats: np.ndarray = field(default_factory=lambda: np.zeros(9))
-    color: bool = False
-    sizes: set = field(default_factory=set)  # (height, width) of the images written
-    error: str | None = None  # under on_bad_input=fail: the first bad input
-
-
-# ---------------------------------------------------------------- worker side
-@dataclass(frozen=True)
-class _Context:
-    folder: str
-    idx_images: dict[str, tuple[str, int, int, int]]
-    max_bytes: float
-    fail: bool
-
-
-_CTX: list[_Context] = []
-_MEMMAPS: dict[str, np.ndarray] = {}
-
-
-def _init_worker(ctx: _Context) -> None:
-    _CTX[:] = [ctx]
-    _MEMMAPS.clear()
-
-
-def _idx_pixels(split: str, record: int) -> np.ndarray:
-    path, head, complete, rows, cols = _CTX[0].idx_images[split]  # complete: no truncated tail
-    if split not in _MEMMAPS:
-        _MEMMAPS[split] = np.memmap(path, np.uint8, "r", offset=head, shape=(complete, rows, cols))
-    return np.asarray(_MEMMAPS[split][record])
-
-
-def _stats(rgb: np.ndarray | None, gray: np.ndarray) -> np.ndarray:
-    """[gray sum, gray sum sq, rgb sums (3), rgb sums sq (3), pixel count] in [0, 1] units."""
-    g = gray.reshape(-1).astype(np.float64) / 255
-    if rgb is None:  # a grayscale source: its RGB view repeats the gray channel
-        s1, s2 = g.sum(), np.square(g).sum()
-        return np.array([s1, s2, s1, s1, s1, s2, s2, s2, g.size])
-    c = rgb.reshape(-1, 3).astype(np.float64) / 255
-    return np.concatenate([[g.sum(), np.square(g).sum()], c.sum(0), np.square(c).sum(0), [g.size]])
-
-
-def _encode(item: Input, want_stats: bool):
-    """-> (extension, bytes to store, is colour, stats, (h, w)); raises _BadInput."""
-    if _CTX[0].idx_images:
-        pixels = _idx_pixels(item.source, int(item.ref))
-        rows, cols = pixels.shape
-        data = b"P5\n%d %d\n255\n" % (cols, rows) + pixels.tobytes()  # binary PGM
-        return "pgm", data, False, _stats(None, pixels) if want_stats else None, (rows, cols)
-    try:
-        data = Path(str(item.ref)).read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in ("JPEG", "PNG"):
-                raise _BadInput(f"unsupported image format {img.format} (expected JPEG or PNG)")
-            img.load()  # decodes: catches truncated and corrupt files
-            stats = None
-            if want_stats:
-                stats = _stats(np.asarray(img.convert("RGB")), np.asarray(img.convert("L")))
-            return (
-                ("jpg" if img.format == "JPEG" else "png"),
-                data,
-                img.mode not in GRAY_MODES,
-                stats,
-                (img.height, img.width),
-            )
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _BadInput(f"cannot decode image: {err}") from None
-
-
-class _BadInput(Exception):
-    pass
-
-
-def _write_chunk(chunk: Chunk) -> ChunkResult:
-    """Write one chunk as one tar (more if it passes the size limit), fixed metadata."""
-    from webdataset import TarWriter
-
-    ctx = _CTX[0]
-    out = ChunkResult(chunk.split, chunk.number)
-    writer = None
-    for item in chunk.items:
-        try:
-            ext, data, color, stats, size = _encode(item, chunk.split == "train")
-        except _BadInput as err:
-            if ctx.fail:
-                out.error = f"{item.name}: {err}"
-                break
-            out.skipped.append(Skipped(item.source, item.name, str(err)))
-            continue
-        if writer is None or out.parts[-1]["bytes"] >= ctx.max_bytes:
-            if writer is not None:
-                writer.close()
-            tmp = f".{chunk.split}-{chunk.number:06d}-{len(out.parts):03d}.tar"
-            writer = TarWriter(
-                str(Path(ctx.folder) / tmp),
-                encoder=False,
-                mtime=0,
-                user="mae",
-                group="mae",
-                mode=0o444,
-            )
-            out.parts.append({"tmp": tmp, "count": 0, "bytes": 0})
-        writer.write({"__key__": f"{item.index:08d}", ext: data, "cls": b"%d" % item.label})
-        out.parts[-1]["count"] += 1
-        out.parts[-1]["bytes"] += len(data)
-        out.per_class[item.label] = out.per_class.get(item.label, 0) + 1
-        out.written[item.source] = out.written.get(item.source, 0) + 1
-        out.color |= color
-        out.sizes.add(size)
-        if stats is not None:
-            out.stats += stats
-    if writer is not None:
-        writer.close()
-    for part in out.parts:
-        path = Path(ctx.folder) / part["tmp"]
-        part["bytes"] = path.stat().st_size
-        with path.open("rb") as f:  # in pieces: a shard can be hundreds of MB
-            part["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-    return out
-
-
-# ---------------------------------------------------------------- main side
 def split_inputs(listing: SourceListing, p: DataParams) -> dict[str, list[Input]]:
     """Stratified, seeded train/val (and test, when the source has none) carve-out.
 
@@ -206,17 +64,17 @@ def split_inputs(listing: SourceListing, p: DataParams) -> dict[str, list[Input]
     return out
 
 
-def _chunk_results(chunks: list[Chunk], workers: int, ctx: _Context) -> Iterator[ChunkResult]:
+def _chunk_results(chunks: list[Chunk], workers: int, ctx: Context) -> Iterator[ChunkResult]:
     """Chunk results in chunk order, whatever the number of workers."""
     if workers <= 1:
-        _init_worker(ctx)
-        yield from map(_write_chunk, chunks)
+        init_worker(ctx)
+        yield from map(write_chunk, chunks)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     with multiprocessing.get_context(method).Pool(
-        min(workers, max(len(chunks), 1)), initializer=_init_worker, initargs=(ctx,)
+        min(workers, max(len(chunks), 1)), initializer=init_worker, initargs=(ctx,)
     ) as pool:
-        yield from pool.imap(_write_chunk, chunks)
+        yield from pool.imap(write_chunk, chunks)
 
 
 def _list_source(p: DataParams, workdir: Path) -> SourceListing:
@@ -264,7 +122,7 @@ def _write(p: DataParams, staging: Path) -> dict:
         for s, items in splits.items()
         for i, k in enumerate(range(0, len(items), n))
     ]
-    ctx = _Context(str(folder), listing.idx_images, p.shard_max_mb * 1e6, p.on_bad_input == "fail")
+    ctx = Context(str(folder), listing.idx_images, p.shard_max_mb * 1e6, p.on_bad_input == "fail")
     shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
     per_class = {s: [0] * len(listing.classes) for s in SPLITS}
     written = dict.fromkeys(listing.splits, 0)

@@ -7,6 +7,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -106,6 +107,23 @@ def _from_shards(loader, device: torch.device) -> Iterator[torch.Tensor]:
         for batch in loader:
             yield loader.images(batch, device)
         epoch += 1
+
+
+def shards_loader(params: Path, model: str, img_size: int | None, batch_size: int):
+    """The pretrain loader over `params`' shards, as the pretrain stage builds it."""
+    from pipeline.data.loader import build_loader
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    return build_loader(
+        p.data.shards,
+        "train",
+        "pretrain",
+        batch_size=batch_size,
+        img_size=img_size or mae_config(model).image_hw[0],
+        num_workers=p.runtime.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def _time_steps(

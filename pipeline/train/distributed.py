@@ -133,9 +133,11 @@ def _free_port() -> int:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m pipeline.cli *argv` as `nproc` ranks on this machine; -> exit status.
 
-    What torchrun --standalone does, with one difference that matters for a pipeline: the
-    first rank that fails stops the others at once (they would wait for it in a collective)
-    and its status is the launcher's, without a page of launcher traceback.
+    What `torchrun --standalone` does, kept for what a pipeline stage needs and torchrun
+    lacks: the failing rank's own one-line error and exit status become the stage's (torchrun
+    ends with its elastic agent's multi-page ChildFailedError report instead), the others
+    are stopped at once, a Ctrl-C or DVC's stop takes every rank down, and the ranks share
+    the cores (OMP_NUM_THREADS). Multi-node runs use torchrun itself (README).
     """
     port = _free_port()
     threads = max(1, (os.cpu_count() or 1) // nproc)

@@ -1,0 +1,40 @@
+"""The shard stage: the raw source -> WebDataset shards + manifest.json (`data.shard`),
+and its MLflow run (source, counts per split and class, the manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.data.manifest import manifest_digest
+from pipeline.data.shard import run_shard
+from pipeline.params import Params, flatten
+
+
+def run_shard_stage(p: Params) -> dict:
+    """Write the shards and log the run; -> the manifest."""
+    tracking.connect(p.tracking)  # an unreachable store fails now, before the work
+    manifest = run_shard(p.data)
+    shards = Path(p.data.shards)
+    _log_run(p, manifest, shards / "manifest.json", manifest_digest(shards))
+    return manifest
+
+
+def _log_run(p: Params, manifest: dict, manifest_path: Path, digest: str) -> str:
+    """The shard stage's run: source, counts per split and class, manifest.json."""
+    experiment_id = tracking.connect(p.tracking)
+    with tracking.start_run(
+        experiment_id, stage="shard", digest=digest, run_name=f"shard {p.data.source}"
+    ) as run:
+        run.log_params({f"data.{k}": v for k, v in flatten(p.data).items()})
+        counts = {}
+        for split, entry in manifest["splits"].items():
+            counts[f"data/{split}/count"] = entry["count"]
+            counts[f"data/{split}/shards"] = len(entry["shards"])
+            for name, n in entry["per_class"].items():
+                counts[f"data/{split}/class/{tracking.metric_name(name)}"] = n
+        counts["data/skipped"] = len(manifest["skipped"])
+        run.log_metrics(counts)
+        run.log_file(manifest_path)
+        run.log_dataset(manifest_path, digest, p.data.source, "source")
+        return run.id
