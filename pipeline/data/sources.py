@@ -132,54 +132,67 @@ def list_idx(
         images, labels = found[f"{prefix}-images-idx3-ubyte"], found[f"{prefix}-labels-idx1-ubyte"]
         raw_images, raw_labels = workdir / f"{prefix}-images.raw", workdir / f"{prefix}-labels.raw"
         for path, raw in ((images, raw_images), (labels, raw_labels)):
-            md5 = _decompress(path, raw)
-            stem = path.name.removesuffix(".gz")
-            if checksums and md5 != checksums[stem]:
-                raise UserError(
-                    f"{path}: checksum mismatch: content MD5 {md5}, expected "
-                    f"{checksums[stem]} (Fashion-MNIST); {FASHION_MNIST_HELP}"
-                )
-            listing.description["files"][path.name] = {"md5_content": md5}
-        n_img, (rows, cols), img_head = _idx_header(images, raw_images, 0x00000803)
-        n_lab, _, lab_head = _idx_header(labels, raw_labels, 0x00000801)
-        have_img = (raw_images.stat().st_size - img_head) // (rows * cols)
-        have_lab = raw_labels.stat().st_size - lab_head
-        problems = []
-        if have_img < n_img:
-            problems.append(
-                f"{images}: truncated: header says {n_img} images, "
-                f"the file holds {have_img} complete ones"
-            )
-        if have_lab < n_lab:
-            problems.append(
-                f"{labels}: truncated: header says {n_lab} labels, the file holds {have_lab}"
-            )
-        if n_img != n_lab:
-            problems.append(f"{images}: {n_img} images but {labels.name} has {n_lab} labels")
-        if problems and on_bad_input == "fail":
-            raise UserError(problems[0])
-        label_bytes = raw_labels.read_bytes()[lab_head : lab_head + min(have_lab, n_lab)]
-        inputs = []
-        for i in range(max(n_img, n_lab)):
-            name = f"{images.name}#{i}"
-            if i >= min(have_img, n_img) or i >= len(label_bytes):
-                if i < min(n_img, n_lab):
-                    reason = "missing: file truncated"
-                elif i < n_img:
-                    reason = "no matching label"
-                else:
-                    reason = "no matching image"
-                listing.bad.append(Skipped(split, name, reason))
-            elif label_bytes[i] >= len(classes):
-                reason = f"label {label_bytes[i]} out of range (0-{len(classes) - 1})"
-                if on_bad_input == "fail":
-                    raise UserError(f"{labels}: record {i}: {reason}")
-                listing.bad.append(Skipped(split, name, reason))
-            else:
-                inputs.append(Input(split, i, label_bytes[i], i, name))
-        listing.splits[split] = inputs
-        listing.idx_images[split] = (str(raw_images), img_head, have_img, rows, cols)
+            listing.description["files"][path.name] = _checked_copy(path, raw, checksums)
+        _list_idx_split(listing, split, (images, raw_images), (labels, raw_labels), on_bad_input)
     return listing
+
+
+def _checked_copy(path: Path, raw: Path, checksums: dict[str, str] | None) -> dict:
+    """`path` decompressed to `raw`, its content checked against `checksums` if given."""
+    md5 = _decompress(path, raw)
+    stem = path.name.removesuffix(".gz")
+    if checksums and md5 != checksums[stem]:
+        raise UserError(
+            f"{path}: checksum mismatch: content MD5 {md5}, expected "
+            f"{checksums[stem]} (Fashion-MNIST); {FASHION_MNIST_HELP}"
+        )
+    return {"md5_content": md5}
+
+
+def _list_idx_split(
+    listing: SourceListing, split: str, image_files, label_files, on_bad_input: str
+) -> None:
+    """One split's records: an input each, or a skip record saying why not."""
+    (images, raw_images), (labels, raw_labels) = image_files, label_files
+    n_img, (rows, cols), img_head = _idx_header(images, raw_images, 0x00000803)
+    n_lab, _, lab_head = _idx_header(labels, raw_labels, 0x00000801)
+    have_img = (raw_images.stat().st_size - img_head) // (rows * cols)
+    have_lab = raw_labels.stat().st_size - lab_head
+    problems = []
+    if have_img < n_img:
+        problems.append(
+            f"{images}: truncated: header says {n_img} images, "
+            f"the file holds {have_img} complete ones"
+        )
+    if have_lab < n_lab:
+        problems.append(
+            f"{labels}: truncated: header says {n_lab} labels, the file holds {have_lab}"
+        )
+    if n_img != n_lab:
+        problems.append(f"{images}: {n_img} images but {labels.name} has {n_lab} labels")
+    if problems and on_bad_input == "fail":
+        raise UserError(problems[0])
+    label_bytes = raw_labels.read_bytes()[lab_head : lab_head + min(have_lab, n_lab)]
+    classes, inputs = listing.classes, []
+    for i in range(max(n_img, n_lab)):
+        name = f"{images.name}#{i}"
+        if i >= min(have_img, n_img) or i >= len(label_bytes):
+            if i < min(n_img, n_lab):
+                reason = "missing: file truncated"
+            elif i < n_img:
+                reason = "no matching label"
+            else:
+                reason = "no matching image"
+            listing.bad.append(Skipped(split, name, reason))
+        elif label_bytes[i] >= len(classes):
+            reason = f"label {label_bytes[i]} out of range (0-{len(classes) - 1})"
+            if on_bad_input == "fail":
+                raise UserError(f"{labels}: record {i}: {reason}")
+            listing.bad.append(Skipped(split, name, reason))
+        else:
+            inputs.append(Input(split, i, label_bytes[i], i, name))
+    listing.splits[split] = inputs
+    listing.idx_images[split] = (str(raw_images), img_head, have_img, rows, cols)
 
 
 def _class_dirs(tree: Path) -> list[Path]:
