@@ -167,6 +167,22 @@ def _time_steps(
     return wait / steps, compute / steps
 
 
+def step_precision(precision: str, dev: torch.device) -> tuple[str, torch.dtype | None]:
+    """The bench's own precisions: the stages' (fp32, bf16) and the official code's fp16
+    step, which the stages do not offer (it gives NaN losses in MAE pretraining)."""
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError("fp16 (the official code's loss-scaled step) needs a CUDA device")
+    return precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _peak_memory_gb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def bench_train_step(
     model_name: str,
     batch_size: int,
@@ -191,36 +207,24 @@ def bench_train_step(
     if loader is not None:
         overrides["in_chans"] = loader.manifest["channels"]
     cfg = mae_config(model_name, **overrides)
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type != "cuda":
-        raise ValueError("fp16 (the official code's loss-scaled step) needs a CUDA device")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    autocast = Runtime(dev, amp).autocast
-    official = precision == "fp16"
-
-    def batches() -> Iterator[torch.Tensor]:
-        return _synthetic(cfg, batch_size, dev) if loader is None else _from_shards(loader, dev)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    model = MaskedAutoencoderViT(cfg).to(dev)
-    wait, compute = _time_steps(
-        model, batches(), mask_ratio, steps, warmup, autocast, compile, official
+    precision, amp = step_precision(precision, dev)
+    timing = dict(
+        mask_ratio=mask_ratio,
+        steps=steps,
+        warmup=warmup,
+        autocast=Runtime(dev, amp).autocast,
+        compile=compile,
+        official=precision == "fp16",
     )
     if dev.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
-    else:  # ru_maxrss is in KiB on Linux
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    del model
+        torch.cuda.reset_peak_memory_stats(dev)
+    batches = _synthetic(cfg, batch_size, dev) if loader is None else _from_shards(loader, dev)
+    wait, compute = _time_steps(MaskedAutoencoderViT(cfg).to(dev), batches, **timing)
+    peak_gb = _peak_memory_gb(dev)
     base = None
     if baseline:  # the same images for both: the data pipeline is not what is compared
         other = MaskTokensInEncoderMAE(cfg).to(dev)
-        batches = _synthetic(cfg, batch_size, dev)
-        _, base = _time_steps(
-            other, batches, mask_ratio, steps, warmup, autocast, compile, official
-        )
-        del other
+        _, base = _time_steps(other, _synthetic(cfg, batch_size, dev), **timing)
     step = wait + compute
     flop = mae_step_flops(cfg, batch_size, mask_ratio) / 1e12
     # MFU against the dense bf16 peak (fp16's is the same on these chips)
