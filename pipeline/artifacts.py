@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,37 @@ from safetensors.torch import load_file, save_file
 from mae import MAEConfig, build_classifier, build_linear_probe
 from pipeline.data.manifest import manifest_digest
 from pipeline.errors import UserError
+
+
+@contextlib.contextmanager
+def staged(*targets: Path) -> Iterator[list[Path]]:
+    """Write `targets` (folders; a name with a suffix is a file) at staging paths beside
+    them, then put them in place, in the order given, each by one rename: a failure while
+    writing leaves every target as it was. -> the staging paths."""
+    staging = [t.with_name(f".{t.name}.staging") for t in targets]
+    for tmp, target in zip(staging, targets, strict=True):
+        _remove(tmp)
+        (tmp.parent if target.suffix else tmp).mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+    except BaseException:
+        for tmp in staging:
+            _remove(tmp)
+        raise
+    for tmp, target in zip(staging, targets, strict=True):
+        old = target.with_name(f".{target.name}.old")
+        _remove(old)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
+    """Flat JSON, put in place by one rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: round(float(v), 6) for k, v in metrics.items()}
-    path.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def write_curve(path: Path, rows: list[dict[str, float]], fields: list[str] | None = None) -> None:

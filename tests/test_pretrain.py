@@ -273,3 +273,27 @@ def test_killed_run_resumes_the_same_mlflow_run_and_ends_with_the_same_weights(t
     a = load_file(str(reference / "models/pretrain/model.safetensors"))
     b = load_file(str(killed / "models/pretrain/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_that_fails_writing_its_outputs_leaves_the_previous_ones_whole(
+    project, monkeypatch
+):
+    from pipeline import reports
+
+    run_pretrain(load_params("params.yaml"))
+    outputs = [*sorted((project / "models/pretrain").iterdir()), project / "metrics/pretrain.json"]
+    outputs += sorted((project / "plots/pretrain").iterdir())
+    before = {path: path.read_bytes() for path in outputs}
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["pretrain"]["mask_ratio"] = 0.5  # another run, which fails at its very end
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reports, "plot_curve", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_pretrain(load_params("params.yaml"))
+    assert {path: path.read_bytes() for path in outputs} == before  # the previous run, whole
+    assert sorted((project / "models/pretrain").iterdir()) == outputs[:4]
+    assert not [p for p in project.rglob("*") if p.name.endswith((".staging", ".old"))]

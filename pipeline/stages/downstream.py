@@ -94,9 +94,8 @@ class Downstream(Stage):
     def train_epoch(self, epoch: int, run) -> dict:
         return self.fit(epoch, run) | {"val_top1": self.validate()}
 
-    def write_outputs(self, run, out: Path) -> dict:
+    def write_outputs(self, run, out: Path, plots: Path) -> dict:
         save_classifier(out, self.model, self.config, self.best["state"])
-        plots = Path(self.p.paths.plots) / self.name
         epochs = self.history.epochs
         curve = [{k: e[k] for k in ("epoch", "loss", "val_top1")} for e in epochs]
         reports.write_curve(plots / "curve.csv", curve)

@@ -133,12 +133,12 @@ class Pretrainer(Stage):
         grid = reconstruction_grid(model, imgs, pred.float(), mask, m, sd, scale=scale)
         return to_png(grid)
 
-    def write_outputs(self, run, out: Path) -> dict:
+    def write_outputs(self, run, out: Path, plots: Path) -> dict:
         png = self.reconstructions()
         run.log_bytes(png, f"reconstructions/epoch_{self.pp.epochs:03d}.png")
         save_pretrained(out, self.model, self.p.model.name, self.pp.mask_ratio, self.digest, run.id)
         (out / "reconstruction.png").write_bytes(png)
-        plots, steps = Path(self.p.paths.plots) / STAGE, self.history.steps
+        steps = self.history.steps
         reports.write_curve(plots / "loss.csv", steps)
         reports.plot_curve(plots / "loss.png", steps, "step", ["loss", "lr"], run.id)
         run.log_file(plots / "loss.png", "plots")

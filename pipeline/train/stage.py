@@ -21,6 +21,7 @@ import torch
 
 from mae.optim import absolute_lr
 from pipeline import reports, tracking
+from pipeline.artifacts import staged
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.checkpoint import Checkpoints, params_key, rng_state
@@ -106,8 +107,9 @@ class Stage:
     def after_epoch(self, epoch: int, run) -> None:
         """Rank 0, after an epoch and before its checkpoint."""
 
-    def write_outputs(self, run, out: Path) -> dict:
-        """Rank 0, at the end: the model files into `out`, the plots; -> the metrics."""
+    def write_outputs(self, run, out: Path, plots: Path) -> dict:
+        """Rank 0, at the end: the model files into `out`, curves into `plots` (both empty
+        staging folders); -> the metrics."""
         raise NotImplementedError
 
     def restore(self, meta: dict) -> None:
@@ -198,17 +200,19 @@ def _epoch_line(stage: str, epochs: int, e: dict) -> str:
 
 
 def _finish(s: Stage, run) -> None:
-    """The outputs every stage writes: its model folder, metrics and params; `run_id`
-    last, as its presence means "complete"."""
+    """The outputs every stage writes: plots, metrics, and its model folder with `run_id`
+    (whose presence means "complete"), each put in place whole once all are written: a
+    failure leaves the previous outputs as they were."""
     p = s.p
-    out = Path(p.paths.models) / s.name
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = s.write_outputs(run, out)
-    for path in sorted(out.iterdir()):
-        if path.suffix in (".safetensors", ".json"):
-            run.log_file(path, "model")
-    logged = {k: v for k, v in metrics.items() if k not in s.curves}
-    run.log_metrics({f"{s.name}/{k}": v for k, v in logged.items()})
-    reports.write_metrics(Path(p.paths.metrics) / f"{s.name}.json", metrics)
-    run.log_bytes(json.dumps(flatten(p), indent=2).encode(), "params.json")
-    (out / "run_id").write_text(run.id + "\n")
+    models, plots = Path(p.paths.models) / s.name, Path(p.paths.plots) / s.name
+    metrics_file = Path(p.paths.metrics) / f"{s.name}.json"
+    with staged(plots, metrics_file, models) as (plots_tmp, metrics_tmp, out):
+        metrics = s.write_outputs(run, out, plots_tmp)
+        for path in sorted(out.iterdir()):
+            if path.suffix in (".safetensors", ".json"):
+                run.log_file(path, "model")
+        logged = {k: v for k, v in metrics.items() if k not in s.curves}
+        run.log_metrics({f"{s.name}/{k}": v for k, v in logged.items()})
+        reports.write_metrics(metrics_tmp, metrics)
+        run.log_bytes(json.dumps(flatten(p), indent=2).encode(), "params.json")
+        (out / "run_id").write_text(run.id + "\n")
