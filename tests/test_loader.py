@@ -220,3 +220,23 @@ def test_the_pgm_fast_path_reads_what_pil_reads_and_leaves_the_rest_to_pil():
     buffer = io.BytesIO()
     Image.fromarray(pixels, "L").save(buffer, format="PNG")
     assert pgm(buffer.getvalue()) is None
+
+
+def test_a_swapped_or_cut_shard_is_named_before_any_sample_is_read(tmp_path):
+    import shutil
+
+    idx_dataset(tmp_path / "raw", n_train=200, n_test=40, size=12)
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "shards")
+    run_shard(data_params(source="idx", root=raw, shards=out, shard_max_count=20, workers=0))
+    shards = Path(out)
+    build_loader(shards, "test", "eval", batch_size=8, img_size=12)  # as written: fine
+    train, test = shards / "train-000000.tar", shards / "test-000000.tar"
+    assert train.stat().st_size == test.stat().st_size  # same count, same size: other images
+    original = test.read_bytes()
+    shutil.copy(train, test)
+    with pytest.raises(UserError, match=r"test-000000.tar: its sha256 .* is not the manifest"):
+        build_loader(shards, "test", "eval", batch_size=8, img_size=12)
+    test.write_bytes(original)
+    (shards / "test-000001.tar").write_bytes(b"cut short")
+    with pytest.raises(UserError, match=r"test-000001.tar: 9 bytes, the manifest says"):
+        build_loader(shards, "test", "eval", batch_size=8, img_size=12)

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import read_manifest, verify_shards
 from pipeline.data.plan import SHUFFLE_WINDOW, batches_per_epoch, rank_batches
 from pipeline.data.tarindex import ShardIndex, index_shards, pgm
 from pipeline.errors import UserError
@@ -235,10 +235,8 @@ def build_loader(
     if split not in manifest["splits"]:
         raise UserError(f"{shards}/manifest.json has no split {split!r}")
     entries = manifest["splits"][split]["shards"]
+    verify_shards(shards, entries)
     paths = [str(Path(shards) / e["name"]) for e in entries]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise UserError(f"shard listed in the manifest is missing: {missing[0]}")
     counts = [e["count"] for e in entries]
     rank, world_size = _rank_and_world(rank, world_size)
     transform, device_augment = _transforms(manifest, purpose, img_size, aug, batch_augment)

@@ -24,3 +24,35 @@ def read_manifest(folder: Path | str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"no shards at {folder}: {path} is missing (run `mae-cli shard`)") from None
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its checked sha256
+
+
+def verify_shards(folder: Path | str, entries: list[dict]) -> None:
+    """Each shard against its manifest entry: present, its size, then its sha256 (read once
+    per file and modification time in this process). A swapped, altered or cut shard fails
+    here, named, before any sample of it is read."""
+    for entry in entries:
+        path = Path(folder) / entry["name"]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise UserError(f"shard listed in the manifest is missing: {path}") from None
+        if "bytes" in entry and st.st_size != entry["bytes"]:
+            raise UserError(
+                f"{path}: {st.st_size:,} bytes, the manifest says {entry['bytes']:,}: not "
+                "the shard the shard stage wrote (run `dvc repro shard` or `dvc checkout`)"
+            )
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if "sha256" not in entry or _VERIFIED.get(key) == entry["sha256"]:
+            continue
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != entry["sha256"]:
+            raise UserError(
+                f"{path}: its sha256 ({digest[:12]}...) is not the manifest's "
+                f"({entry['sha256'][:12]}...): not the shard the shard stage wrote "
+                "(run `dvc repro shard` or `dvc checkout`)"
+            )
+        _VERIFIED[key] = digest
