@@ -219,9 +219,14 @@ def test_bad_input_fails_with_one_line_naming_it_and_leaves_nothing_half_written
 @pytest.mark.parametrize(("source", "case"), BAD_CASES)
 def test_bad_input_is_skipped_and_recorded_under_skip(tmp_path, source, case):
     p, _expected = (_bad_imagefolder if source == "imagefolder" else _bad_idx)(tmp_path, case)
-    manifest = run_shard(p.model_copy(update={"on_bad_input": "skip"}))
+    skip = p.model_copy(update={"on_bad_input": "skip"})
+    manifest = run_shard(skip)
     reasons = [s["reason"] for s in manifest["skipped"]]
     assert any(r.startswith(SKIP_REASONS[case]) for r in reasons), reasons
+    assert not any(" at 0x" in r for r in reasons), reasons  # no object addresses
+    first = (Path(p.shards) / "manifest.json").read_bytes()
+    run_shard(skip)
+    assert (Path(p.shards) / "manifest.json").read_bytes() == first  # so DVC's hash holds
     for source_split, acc in manifest["accounting"].items():
         assert acc["inputs"] == acc["written"] + acc["skipped"], source_split
     written = sum(v["count"] for v in manifest["splits"].values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,10 @@ def _encode(item: Input, want_stats: bool):
                 (img.height, img.width),
             )
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _BadInput(f"cannot decode image: {err}") from None
+        # PIL names the in-memory file by its address: dropped, so the manifest (and
+        # DVC's hash of it) is the same on every run
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err))
+        raise _BadInput(f"cannot decode image: {reason}") from None
 
 
 class _BadInput(Exception):
