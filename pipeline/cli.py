@@ -47,7 +47,8 @@ def shard(params: Path = PARAMS) -> None:
     counts = ", ".join(
         f"{s} {v['count']:,} ({len(v['shards'])} shards)" for s, v in manifest["splits"].items()
     )
-    typer.echo(f"wrote {p.data.shards}: {counts}; {len(manifest['skipped'])} skipped")
+    skipped = sum(s.get("count", 1) for s in manifest["skipped"])
+    typer.echo(f"wrote {p.data.shards}: {counts}; {skipped} skipped")
 
 
 def _train(stage: str, params: Path) -> None:

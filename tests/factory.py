@@ -38,12 +38,17 @@ def write_idx(
     *,
     gz: bool = True,
     cut_images: int = 0,
+    claim_images: int | None = None,
 ) -> None:
     """`prefix`-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz); `cut_images` bytes
-    removed from the end of the image data (a truncated file)."""
+    removed from the end of the image data (a truncated file); `claim_images`: the image
+    count the header says (a lying header)."""
     root.mkdir(parents=True, exist_ok=True)
     n, rows, cols = images.shape
-    img = struct.pack(">IIII", 0x803, n, rows, cols) + images.astype(np.uint8).tobytes()
+    img = (
+        struct.pack(">IIII", 0x803, claim_images or n, rows, cols)
+        + images.astype(np.uint8).tobytes()
+    )
     lab = struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes()
     if cut_images:
         img = img[:-cut_images]

@@ -242,3 +242,18 @@ def test_a_failed_run_keeps_the_previous_shards(tmp_path):
     with pytest.raises(UserError, match="label 99 out of range"):
         run_shard(p)
     assert shard_bytes(Path(p.shards)) == before
+
+
+def test_an_idx_header_claiming_more_records_than_the_file_holds_costs_no_memory(tmp_path):
+    raw = tmp_path / "raw"
+    idx_dataset(raw)
+    images, labels = np.zeros((20, 8, 8), np.uint8), np.arange(20) % 10
+    write_idx(raw, "train", images, labels, claim_images=2**31)
+    p = idx_params(tmp_path)
+    with pytest.raises(UserError, match="header says 2147483648 images, the file holds 20"):
+        run_shard(p)
+    manifest = run_shard(p.model_copy(update={"on_bad_input": "skip"}))  # seconds, not GBs
+    (entry,) = [s for s in manifest["skipped"] if s["split"] == "train"]
+    assert entry["reason"] == "no matching label" and entry["count"] == 2**31 - 20
+    assert entry["input"] == "train-images-idx3-ubyte.gz#20-2147483647"
+    assert manifest["accounting"]["train"]["inputs"] == 2**31

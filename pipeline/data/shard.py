@@ -151,7 +151,10 @@ def _write(p: DataParams, staging: Path) -> dict:
     manifest["image_size"] = list(sizes.pop()) if len(sizes) == 1 else None  # None: mixed
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if skipped:
-        log.warning("skipped %d bad input(s); each is listed in manifest.json", len(skipped))
+        log.warning(
+            "skipped %d bad input(s); each is listed in manifest.json",
+            sum(x.count for x in skipped),
+        )
     return manifest
 
 
@@ -197,8 +200,8 @@ def _manifest(
     # Nothing is dropped silently: per source split, inputs = written + skipped.
     accounting = {}
     for src, items in listing.splits.items():
-        n_bad = sum(1 for x in skipped if x.split == src)
-        n_listed_bad = sum(1 for x in listing.bad if x.split == src)
+        n_bad = sum(x.count for x in skipped if x.split == src)
+        n_listed_bad = sum(x.count for x in listing.bad if x.split == src)
         accounting[src] = {
             "inputs": len(items) + n_listed_bad,
             "written": written[src],
@@ -223,5 +226,10 @@ def _manifest(
         "std": [round(float(v), 6) for v in std],
         "splits": splits,
         "accounting": accounting,
-        "skipped": [{"split": x.split, "input": x.input, "reason": x.reason} for x in skipped],
+        "skipped": [_skip_record(x) for x in skipped],
     }
+
+
+def _skip_record(x: Skipped) -> dict:
+    record = {"split": x.split, "input": x.input, "reason": x.reason}
+    return record | ({"count": x.count} if x.count > 1 else {})

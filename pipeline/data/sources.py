@@ -51,6 +51,7 @@ class Skipped:
     split: str
     input: str
     reason: str
+    count: int = 1  # a range of records (a file shorter than its header says) is one entry
 
 
 @dataclass
@@ -174,23 +175,23 @@ def _list_idx_split(
         raise UserError(problems[0])
     label_bytes = raw_labels.read_bytes()[lab_head : lab_head + min(have_lab, n_lab)]
     classes, inputs = listing.classes, []
-    for i in range(max(n_img, n_lab)):
-        name = f"{images.name}#{i}"
-        if i >= min(have_img, n_img) or i >= len(label_bytes):
-            if i < min(n_img, n_lab):
-                reason = "missing: file truncated"
-            elif i < n_img:
-                reason = "no matching label"
-            else:
-                reason = "no matching image"
-            listing.bad.append(Skipped(split, name, reason))
-        elif label_bytes[i] >= len(classes):
+    whole = min(have_img, n_img, len(label_bytes))  # records both files hold
+    for i in range(whole):
+        if label_bytes[i] >= len(classes):
             reason = f"label {label_bytes[i]} out of range (0-{len(classes) - 1})"
             if on_bad_input == "fail":
                 raise UserError(f"{labels}: record {i}: {reason}")
-            listing.bad.append(Skipped(split, name, reason))
+            listing.bad.append(Skipped(split, f"{images.name}#{i}", reason))
         else:
-            inputs.append(Input(split, i, label_bytes[i], i, name))
+            inputs.append(Input(split, i, label_bytes[i], i, f"{images.name}#{i}"))
+    # the rest as ranges, whatever a header claims: no per-record objects for a lying count
+    both = min(n_img, n_lab)
+    gaps = [(whole, both, "missing: file truncated")]
+    gaps += [(both, n_img, "no matching label"), (both, n_lab, "no matching image")]
+    for start, end, reason in gaps:
+        if end > start:
+            name = f"{images.name}#{start}" + (f"-{end - 1}" if end - start > 1 else "")
+            listing.bad.append(Skipped(split, name, reason, end - start))
     listing.splits[split] = inputs
     listing.idx_images[split] = (str(raw_images), img_head, have_img, rows, cols)
 

@@ -33,7 +33,7 @@ def _log_run(p: Params, manifest: dict, manifest_path: Path, digest: str) -> str
             counts[f"data/{split}/shards"] = len(entry["shards"])
             for name, n in entry["per_class"].items():
                 counts[f"data/{split}/class/{tracking.metric_name(name)}"] = n
-        counts["data/skipped"] = len(manifest["skipped"])
+        counts["data/skipped"] = sum(s.get("count", 1) for s in manifest["skipped"])
         run.log_metrics(counts)
         run.log_file(manifest_path)
         run.log_dataset(manifest_path, digest, p.data.source, "source")
