@@ -262,3 +262,36 @@ def test_fine_tuning_learns_what_is_learnable(tmp_path, monkeypatch):
     (result,) = evaluate_run(load_params("params.yaml"), run_scratch(load_params("params.yaml")))
     assert result["count"] == 200
     assert result["top1"] >= 0.6, result["confusion"]  # 0.745 when written
+
+
+def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monkeypatch, caplog):
+    from pipeline.stages.finetune import Finetuner
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["finetune"] = {**raw["finetune"], "epochs": 3}
+    (project / "params-3.yaml").write_text(yaml.safe_dump(project_params(raw)))
+    p = load_params("params-3.yaml")
+    run_finetune(p)
+    expected = load_file(str(project / "models/finetune/model.safetensors"))
+
+    calls = {"n": 0}
+    validate = Finetuner.validate
+
+    def power_cut(self):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in epoch 3, after the checkpoints of epochs 1 and 2
+            raise RuntimeError("power cut")
+        return validate(self)
+
+    monkeypatch.setattr(Finetuner, "validate", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_finetune(p)
+    monkeypatch.setattr(Finetuner, "validate", validate)
+    kept = sorted((project / ".checkpoints").glob("finetune-*/epoch-*"))
+    assert [c.name for c in kept] == ["epoch-0000", "epoch-0001"]
+    state = kept[-1] / "state.json"
+    state.write_text(state.read_text()[:100])  # the newest cut short, as by a full disk
+    run_finetune(p)
+    assert f"{kept[-1].parent.name}/epoch-0001 cannot be read (Unterminated" in caplog.text
+    got = load_file(str(project / "models/finetune/model.safetensors"))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)  # as if uninterrupted

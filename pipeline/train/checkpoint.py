@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
@@ -82,19 +83,19 @@ class Checkpoints:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def latest(self, d: Dist = Dist()) -> Path | None:
-        """The newest complete checkpoint, as rank 0 sees it (every rank loads that one)."""
+    def candidates(self, d: Dist = Dist()) -> list[Path]:
+        """The complete checkpoints, newest first, as rank 0 sees them (every rank tries
+        the same ones)."""
         done = sorted(p for p in self.folder.glob("epoch-*") if not p.name.endswith(".tmp"))
-        name = d.broadcast(done[-1].name if done else None)
-        if name is None:
-            return None
-        path = self.folder / name
-        if not path.is_dir():
-            raise UserError(
-                f"rank {d.rank} cannot see checkpoint {path}: paths.checkpoints must be on "
-                "a filesystem every node shares"
-            )
-        return path
+        names = d.broadcast([p.name for p in reversed(done)])
+        paths = [self.folder / name for name in names]
+        for path in paths:
+            if not path.is_dir():
+                raise UserError(
+                    f"rank {d.rank} cannot see checkpoint {path}: paths.checkpoints must be "
+                    "on a filesystem every node shares"
+                )
+        return paths
 
     def save(
         self,
@@ -131,10 +132,12 @@ class Checkpoints:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)  # an unreadable one, resumed from before it
         tmp.rename(final)
-        for old in self.folder.glob("epoch-*"):  # keep only the newest
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        # the newest two: if the newest cannot be read later, the one before it can
+        keep = sorted(p for p in self.folder.glob("epoch-*") if not p.name.endswith(".tmp"))
+        for old in [p for p in self.folder.glob("epoch-*") if p not in keep[-2:]]:
+            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load(
@@ -170,14 +173,28 @@ class Checkpoints:
         generator: torch.Generator,
         epochs: int,
     ) -> dict | None:
-        """Load the newest checkpoint into every rank, if there is one; -> its JSON part
-        (epoch, run_id, history, ...) or None."""
-        latest = self.latest(d)
-        if latest is None:
-            return None
-        meta = self.load(latest, model, optimizer, generator, d.rank)
-        log.info("resuming from %s (epoch %d of %d)", latest, meta["epoch"] + 2, epochs)
-        return meta
+        """Load the newest readable checkpoint into every rank, if there is one; -> its JSON
+        part (epoch, run_id, history, ...) or None. One that cannot be read (a truncated
+        file, a disk error) is reported in one line and the one before it is tried."""
+        for path in self.candidates(d):
+            try:
+                meta = self.load(path, model, optimizer, generator, d.rank)
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+                IndexError,
+                RuntimeError,
+                SafetensorError,
+            ) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                log.warning("checkpoint %s cannot be read (%s): skipped", path, reason[:200])
+                continue
+            log.info("resuming from %s (epoch %d of %d)", path, meta["epoch"] + 2, epochs)
+            return meta
+        if self.folder.is_dir() and any(self.folder.glob("epoch-*")):
+            log.warning("no readable checkpoint in %s: starting afresh", self.folder)
+        return None
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
