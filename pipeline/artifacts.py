@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mae import MAEConfig, build_classifier, build_linear_probe
@@ -64,14 +65,28 @@ def load_pretrained(folder: Path, shards: Path) -> Pretrained:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise UserError(f"no pretrained model: {missing[0]} is missing (run `dvc repro pretrain`)")
-    config = json.loads(files[0].read_text())
-    digest = check_shards(config, shards, str(folder))
-    return Pretrained(
-        MAEConfig.from_dict(config["model"]),
-        load_file(str(files[1])),
-        files[2].read_text().strip(),
-        digest,
-    )
+    with _readable(folder):
+        config = json.loads(files[0].read_text())
+        digest = check_shards(config, shards, str(folder))
+        return Pretrained(
+            MAEConfig.from_dict(config["model"]),
+            load_file(str(files[1])),
+            files[2].read_text().strip(),
+            digest,
+        )
+
+
+@contextlib.contextmanager
+def _readable(folder: Path) -> Iterator[None]:
+    """A model folder that cannot be read (not JSON, a key missing, garbage weights, the
+    wrong shapes) as one line naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(
+            f"{folder}: not a model this pipeline wrote ({reason}); run its stage again"
+        ) from None
 
 
 def check_shards(config: dict, shards: Path, what: str) -> str:
@@ -139,7 +154,8 @@ def save_classifier(
 
 
 def load_classifier(folder: Path) -> tuple[torch.nn.Module, dict]:
-    config = json.loads((folder / "config.json").read_text())
-    model = build_from_config(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    return model.eval(), config
+    with _readable(folder):
+        config = json.loads((folder / "config.json").read_text())
+        model = build_from_config(config)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        return model.eval(), config

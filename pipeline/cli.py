@@ -160,7 +160,7 @@ def compare(
 @app.command()
 def ui(
     params: Path = PARAMS,
-    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    port: int = typer.Option(5000, min=1, max=65535, help="Port on 127.0.0.1."),
 ) -> None:
     """The MLflow UI for this project's tracking store, on 127.0.0.1."""
     import os
@@ -236,8 +236,8 @@ def bench_step(
         raise typer.BadParameter(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if data not in ("synthetic", "shards"):
         raise typer.BadParameter(f"--data must be synthetic or shards, got {data!r}")
-    loader = shards_loader(params, model, img_size, batch_size) if data == "shards" else None
     try:
+        loader = shards_loader(params, model, img_size, batch_size) if data == "shards" else None
         result = bench_train_step(
             model,
             batch_size,
@@ -282,7 +282,10 @@ def bench_data(
             f"--workers must be integers like 0,1,2, got {workers!r}"
         ) from None
     for n in counts:
-        result = bench_loader(p.data.shards, img_size, n, batch_size, purpose, images)
+        try:
+            result = bench_loader(p.data.shards, img_size, n, batch_size, purpose, images)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
         typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
 
 
@@ -292,11 +295,18 @@ def main() -> None:
     )
     try:
         app()
-    except UserError as err:
+    except (UserError, OSError) as err:  # OSError: a read-only folder, a full disk, ...
         rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
         where = "" if rank == "0" else f" (rank {rank})"
-        typer.echo(f"mae-cli: error{where}: {err}", err=True)
+        message = str(err) if isinstance(err, UserError) else _os_error(err)
+        typer.echo(f"mae-cli: error{where}: {message}", err=True)
         sys.exit(1)
+
+
+def _os_error(err: OSError) -> str:
+    """`[Errno 28] No space left on device: 'x'` -> `no space left on device: x`."""
+    what = (err.strerror or str(err)).lower()
+    return f"{what}: {err.filename}" if err.filename else what
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`: what torchrun and the launcher run

@@ -47,7 +47,7 @@ class DataParams(Section):
     shard_max_mb: Positive
     on_bad_input: Literal["fail", "skip"]
     workers: Annotated[int, Field(ge=0)]
-    seed: int
+    seed: Annotated[int, Field(ge=0)]
 
     @field_validator("channels", mode="before")
     @classmethod

@@ -18,12 +18,21 @@ def manifest_digest(shards: Path | str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+REQUIRED = ("splits", "classes", "channels", "mean", "std")
+
+
 def read_manifest(folder: Path | str) -> dict:
     path = Path(folder) / "manifest.json"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"no shards at {folder}: {path} is missing (run `mae-cli shard`)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a manifest the shard stage wrote ({err})") from None
+    missing = [k for k in REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise UserError(f"{path}: not a manifest the shard stage wrote (no {missing[0]!r})")
+    return manifest
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its checked sha256

@@ -102,7 +102,12 @@ def _idx_header(path: Path, raw: Path, expect_magic: int) -> tuple[int, tuple[in
                 f"(magic {expect_magic:#010x}, got {got})"
             )
         ndim = expect_magic & 0xFF
-        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        raw_dims = f.read(4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise UserError(f"{path}: IDX header cut short")
+        dims = struct.unpack(f">{ndim}I", raw_dims)
+        if 0 in dims[1:]:
+            raise UserError(f"{path}: IDX header gives a record size of 0 ({dims[1:]})")
     return dims[0], tuple(dims[1:]), 4 + 4 * ndim
 
 

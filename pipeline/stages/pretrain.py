@@ -56,6 +56,10 @@ class Pretrainer(Stage):
         self.manifest, self.digest = read_manifest(shards), manifest_digest(shards)
         seed_everything(p.runtime.seed)  # the same initial weights on every rank
         self.model = build_model(p, self.manifest).to(rt.device)
+        try:  # before the MLflow run starts: no FAILED run for a bad value
+            keep_count(self.model.cfg.num_patches, pp.mask_ratio)
+        except ValueError as err:
+            raise UserError(f"pretrain.mask_ratio: {err} of model {p.model.name}") from None
         self.net, ddp = wrap(self.model, rt, p.runtime.compile)
         self.loader = build_loader(
             shards,

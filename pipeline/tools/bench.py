@@ -89,7 +89,10 @@ class StepBench:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
+    return dev
 
 
 def _synthetic(cfg: MAEConfig, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -290,6 +293,9 @@ def bench_loader(
     loader = build_loader(
         shards, "train", purpose, batch_size=batch_size, img_size=img_size, num_workers=workers
     )
+    if len(loader) == 0:
+        count = loader.manifest["splits"]["train"]["count"]
+        raise ValueError(f"--batch-size {batch_size} is larger than the train split ({count})")
     start, n = time.perf_counter(), 0
     for batch in loader:
         loader.images(batch, torch.device("cpu"))  # the device's crop and flip, here
