@@ -257,3 +257,48 @@ def test_an_idx_header_claiming_more_records_than_the_file_holds_costs_no_memory
     assert entry["reason"] == "no matching label" and entry["count"] == 2**31 - 20
     assert entry["input"] == "train-images-idx3-ubyte.gz#20-2147483647"
     assert manifest["accounting"]["train"]["inputs"] == 2**31
+
+
+def test_imagefolder_links_are_followed_safely_and_every_input_accounted_for(tmp_path):
+    root = imagefolder(tmp_path / "imgs", {"cat": 6, "dog": 6})
+    (root / "zz_self").symlink_to(root, target_is_directory=True)  # the root again
+    (root / "zz_alias").symlink_to(root / "cat", target_is_directory=True)  # a class again
+    (root / "dog" / "gone.png").symlink_to(root / "nowhere.png")  # dangling
+    (root / "dog" / "loop.png").symlink_to(root / "dog" / "loop.png")  # a loop
+    (root / "dog" / "up").symlink_to(root, target_is_directory=True)  # back up the tree
+    outside = imagefolder(tmp_path / "elsewhere", {"x": 1})
+    (root / "cat" / "out.png").symlink_to(next((outside / "x").iterdir()))
+    p = folder_params(tmp_path, root, val_fraction=0.2, test_fraction=0.2, workers=0)
+    with pytest.raises(UserError) as err:
+        run_shard(p)
+    assert "\n" not in str(err.value)
+    manifest = run_shard(p.model_copy(update={"on_bad_input": "skip"}))
+    assert manifest["classes"] == ["cat", "dog"]  # no class made of a link
+    reasons = {Path(s["input"]).name: s["reason"] for s in manifest["skipped"]}
+    assert reasons["zz_self"].startswith("symlink loop")
+    assert reasons["zz_alias"].startswith("symlink to another class folder")
+    assert reasons["gone.png"] == reasons["loop.png"] == "broken or looping symlink"
+    assert reasons["up"].startswith("symlink loop")
+    assert reasons["out.png"].startswith("symlink leads outside the root")
+    assert sum(v["count"] for v in manifest["splits"].values()) == 12  # the real images, once
+
+
+def test_16_bit_grayscale_pngs_keep_their_values(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 250).astype(np.uint16)  # 0 .. 63,750
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(ramp).save(tmp_path / "imgs" / cls / f"{i}.png")
+    p = folder_params(tmp_path, tmp_path / "imgs", val_fraction=0.2, test_fraction=0.2)
+    manifest = run_shard(p)
+    expected = (ramp >> 8).astype(np.uint8)  # the top 8 bits, not 255 everywhere
+    assert manifest["mean"][0] == pytest.approx(expected.mean() / 255, abs=1e-3)
+    with tarfile.open(Path(p.shards) / "train-000000.tar") as tar:
+        png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        stored = np.asarray(Image.open(io.BytesIO(tar.extractfile(png).read())))
+    assert stored.dtype == np.uint8 and np.array_equal(stored, expected)

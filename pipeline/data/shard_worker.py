@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.data.sources import Input, Skipped
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # how PIL opens 16-bit gray PNGs
 
 
 @dataclass
@@ -88,6 +89,8 @@ def _encode(item: Input, want_stats: bool):
             if img.format not in ("JPEG", "PNG"):
                 raise _BadInput(f"unsupported image format {img.format} (expected JPEG or PNG)")
             img.load()  # decodes: catches truncated and corrupt files
+            if img.mode in WIDE_GRAY_MODES:
+                return _as_8_bit_png(img, want_stats)
             stats = None
             if want_stats:
                 stats = _stats(np.asarray(img.convert("RGB")), np.asarray(img.convert("L")))
@@ -103,6 +106,16 @@ def _encode(item: Input, want_stats: bool):
         # DVC's hash of it) is the same on every run
         reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err))
         raise _BadInput(f"cannot decode image: {reason}") from None
+
+
+def _as_8_bit_png(img: Image.Image, want_stats: bool):
+    """A 16-bit grayscale PNG, its top 8 bits stored as an 8-bit PNG: PIL's convert("L")
+    would clip every value above 255 to white, and the loader reads 8-bit images."""
+    pixels = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buf, "PNG")
+    stats = _stats(None, pixels) if want_stats else None
+    return "png", buf.getvalue(), False, stats, pixels.shape
 
 
 class _BadInput(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,13 +202,6 @@ def _list_idx_split(
     listing.idx_images[split] = (str(raw_images), img_head, have_img, rows, cols)
 
 
-def _class_dirs(tree: Path) -> list[Path]:
-    return sorted(
-        (p for p in tree.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
-
-
 def list_imagefolder(root: Path, *, on_bad_input: str) -> SourceListing:
     """`root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>`."""
     if not root.is_dir():
@@ -216,23 +210,25 @@ def list_imagefolder(root: Path, *, on_bad_input: str) -> SourceListing:
     if subtrees and "train" not in subtrees:
         raise UserError(f"{root}: has {', '.join(subtrees)} but no train/ folder")
     trees = subtrees or {"train": root}
-    classes = [p.name for p in _class_dirs(trees["train"])]
+    listing = SourceListing([], {}, description={"root": str(root)})
+    policy = on_bad_input
+    dirs = {split: _class_dirs(tree, root, listing, policy, split) for split, tree in trees.items()}
+    classes = listing.classes = [p.name for p in dirs["train"]]
     if not classes:
         raise UserError(f"{trees['train']}: no class folders (expected <class>/<image> inside)")
-    listing = SourceListing(classes, {}, description={"root": str(root)})
-    for split, tree in trees.items():
+    for split in trees:
         inputs: list[Input] = []
-        for class_dir in _class_dirs(tree):
+        for class_dir in dirs[split]:
             if class_dir.name not in classes:
                 raise UserError(f"{class_dir}: class {class_dir.name!r} is not in train/")
-            files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+            files = _class_files(class_dir, root, listing, policy, split)
             if not files:
-                _bad(listing, on_bad_input, split, str(class_dir), "empty class folder")
+                _bad(listing, policy, split, str(class_dir), "empty class folder")
             for path in files:
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     _bad(
                         listing,
-                        on_bad_input,
+                        policy,
                         split,
                         str(path),
                         f"unsupported file type (expected {', '.join(IMAGE_EXTENSIONS)})",
@@ -242,6 +238,71 @@ def list_imagefolder(root: Path, *, on_bad_input: str) -> SourceListing:
                 inputs.append(Input(split, len(inputs), label, str(path), str(path)))
         listing.splits[split] = inputs
     return listing
+
+
+def _class_dirs(tree: Path, root: Path, listing: SourceListing, policy: str, split: str):
+    """The class folders of `tree`, in name order; a link that does not lead to a folder
+    of its own inside the root (to the root itself, an ancestor, outside, nowhere) is a
+    bad input, not a class."""
+    out = []
+    for path in sorted(tree.iterdir(), key=lambda p: p.name):
+        if path.name.startswith(".") or not (path.is_dir() or path.is_symlink()):
+            continue
+        reason = _link_problem(path, root)
+        if reason is None and path.is_symlink() and path.resolve().parent == tree.resolve():
+            reason = "symlink to another class folder (its images would get two labels)"
+        if reason is None and path.is_dir():
+            out.append(path)
+        elif reason is not None:
+            _bad(listing, policy, split, str(path), reason)
+    return out
+
+
+def _link_problem(path: Path, root: Path) -> str | None:
+    """Why `path` (a symlink, or inside one) cannot be read as its own input: None if it can."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError, OSError):  # RuntimeError: a loop, Python < 3.13
+        return "broken or looping symlink"
+    real_root = root.resolve()
+    if real_root != target and real_root not in target.parents:
+        return f"symlink leads outside the root ({target})"
+    if target.is_dir() and (
+        target == real_root
+        or target in path.parent.resolve().parents
+        or target == path.parent.resolve()
+    ):
+        return "symlink loop (leads back to a folder that holds it)"
+    return None
+
+
+def _class_files(class_dir: Path, root: Path, listing: SourceListing, policy: str, split: str):
+    """Every file under `class_dir`, links followed once each and inside the root; each
+    link that cannot be followed is recorded, never dropped."""
+    files, seen = [], set()
+    for folder, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:  # reached twice through links: read once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()  # walk in name order: the listing (and the manifest) is stable
+        for name in list(dirnames):
+            path = Path(folder) / name
+            reason = _link_problem(path, root)
+            if reason is not None:
+                dirnames.remove(name)
+                _bad(listing, policy, split, str(path), reason)
+        for name in sorted(filenames):
+            path = Path(folder) / name
+            reason = _link_problem(path, root) or (None if path.is_file() else "not a file")
+            if reason is not None:
+                _bad(listing, policy, split, str(path), reason)
+            else:
+                files.append(path)
+    return sorted(files)
 
 
 def _bad(listing: SourceListing, policy: str, split: str, name: str, reason: str) -> None:
