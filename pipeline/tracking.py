@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,13 @@ def _artifact_location(uri: str) -> str | None:
 
 
 @contextmanager
-def _fail_fast():
-    """Short retries and timeout while checking that the store answers (default ~4 min)."""
+def _fail_fast(timeout: int = 10):
+    """No retries and a short timeout for the store's answers (MLflow's default: ~4 min)."""
     saved = {
         k: os.environ.get(k)
         for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
     }
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))
     try:
         yield
     finally:
@@ -97,27 +98,42 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+# while the store is down, one short try per RETRY_S seconds; at the end of a stage, wait
+# up to FLUSH_S seconds for it (environment variables of the same names override)
+RETRY_S = float(os.environ.get("MAE_MLFLOW_RETRY_S", 30))
+FLUSH_S = float(os.environ.get("MAE_MLFLOW_FLUSH_S", 60))
+
+
 class Run:
     """One MLflow run, by id; every logging call of the stages and of `evaluate` goes
-    through here (on a finished run too: logging never changes a run's status)."""
+    through here (on a finished run too: logging never changes a run's status).
 
-    def __init__(self, run_id: str, resumed: bool = False) -> None:
+    Training never waits on the store: each call gets a short timeout, and while the store
+    does not answer, calls are kept in order (artifacts copied aside) and sent when it
+    answers again, one try per `RETRY_S`. `close` sends what is left, waiting up to
+    `FLUSH_S`, then fails in one line naming what was not logged."""
+
+    def __init__(self, run_id: str, resumed: bool = False, keep: bool = False) -> None:
         self.id = run_id
         self.resumed = resumed  # continued from a checkpoint: params are logged already
+        self.keep = keep  # a training run: keep calls while the store is down (else raise)
+        self.pending: list[tuple[str, Any, tuple]] = []  # (what, call, args), oldest first
+        self.down_since: float | None = None
+        self.error = ""  # why the store did not answer, first time
+        self.spool: Path | None = None  # copies of artifacts waiting to be sent
 
     def log_params(self, params: dict[str, Any]) -> None:
-        existing = mlflow.get_run(self.id).data.params
-        fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
-        mlflow.log_params(fresh, run_id=self.id)  # MLflow sends it in batches of 100
+        self._send("params", self._log_params, dict(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.id)
+        values = {k: float(v) for k, v in metrics.items()}
+        self._send("metrics", self._log_metrics, values, step)
 
     def set_tags(self, tags: dict[str, str | None]) -> None:
         from mlflow.entities import RunTag
 
         kept = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
-        MlflowClient().log_batch(self.id, tags=kept)
+        self._send("tags", lambda tags: MlflowClient().log_batch(self.id, tags=tags), kept)
 
     def log_bytes(self, data: bytes, artifact_path: str) -> None:
         """Write `data` as artifact `artifact_path` (e.g. "reconstructions/epoch_002.png")."""
@@ -130,7 +146,7 @@ class Run:
             self.log_file(path, folder or None)
 
     def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=artifact_dir, run_id=self.id)
+        self._send("artifact", self._log_file, path, artifact_dir)
 
     def log_dataset(self, manifest_path: Path, digest: str, name: str, context: str) -> None:
         """(The active run only: `mlflow.log_input` takes no run id.)"""
@@ -142,7 +158,90 @@ class Run:
             name=name,
             digest=digest[:36],
         )
-        mlflow.log_input(dataset, context=context)
+        self._send("dataset", lambda: mlflow.log_input(dataset, context=context))
+
+    # ---------------------------------------------------------------- sending
+    def _log_params(self, params: dict[str, Any]) -> None:
+        existing = mlflow.get_run(self.id).data.params
+        fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
+        mlflow.log_params(fresh, run_id=self.id)  # MLflow sends it in batches of 100
+
+    def _log_metrics(self, values: dict[str, float], step: int | None) -> None:
+        mlflow.log_metrics(values, step=step, run_id=self.id)
+
+    def _log_file(self, path: Path, artifact_dir: str | None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_dir, run_id=self.id)
+
+    def _send(self, what: str, call, *args) -> None:
+        if not self.keep:
+            call(*args)
+            return
+        if self.down_since is not None and time.monotonic() - self.down_since < RETRY_S:
+            self._keep(what, call, args)
+            return
+        try:
+            with _fail_fast(timeout=5):
+                self._flush()
+                call(*args)
+        except Exception as err:
+            self._keep(what, call, args)
+            self._went_down(err)
+            return
+        if self.down_since is not None:
+            log.info("the MLflow store answers again: the kept logging calls were sent")
+        self.down_since = None
+
+    def _flush(self) -> None:
+        """Send the kept calls, oldest first; each leaves the list once the store took it."""
+        while self.pending:
+            _, call, args = self.pending[0]
+            call(*args)
+            self.pending.pop(0)
+
+    def _keep(self, what: str, call, args: tuple) -> None:
+        if what == "artifact":  # the file may be gone (a temp file, a renamed folder)
+            import shutil
+            import tempfile
+
+            self.spool = self.spool or Path(tempfile.mkdtemp(prefix="mae-mlflow-"))
+            copy = self.spool / str(len(self.pending)) / Path(args[0]).name
+            copy.parent.mkdir(parents=True)
+            shutil.copy2(args[0], copy)
+            args = (copy, *args[1:])
+        self.pending.append((what, call, args))
+
+    def _went_down(self, err: Exception) -> None:
+        if self.down_since is None or not self.error:
+            self.error = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            log.warning(
+                "the MLflow store does not answer (%s): training goes on, logging is kept "
+                "and sent when it answers",
+                self.error,
+            )
+        self.down_since = time.monotonic()
+
+    def close(self) -> None:
+        """Send what was kept, waiting up to FLUSH_S for the store; else one-line error."""
+        deadline = time.monotonic() + FLUSH_S
+        while self.pending:
+            try:
+                with _fail_fast(timeout=5):
+                    self._flush()
+            except Exception as err:
+                self._went_down(err)
+                if time.monotonic() > deadline:
+                    kinds = sorted({what for what, _, _ in self.pending})
+                    raise UserError(
+                        f"the MLflow store stopped answering ({self.error}): "
+                        f"{len(self.pending)} logging call(s) of run {self.id} "
+                        f"({', '.join(kinds)}) were not sent; the stage's outputs are "
+                        "written, its MLflow run is incomplete"
+                    ) from None
+                time.sleep(5)
+        if self.spool is not None:
+            import shutil
+
+            shutil.rmtree(self.spool, ignore_errors=True)
 
 
 class NullRun:
@@ -175,7 +274,8 @@ def start_run(
     """Start a stage's run, or continue `run_id` (a checkpoint's) when the store still has
     it; `run.resumed` says which. Tags: the stage, the manifest digest, the git commit and
     `dvc.exp_name`. MLflow marks the run FAILED if the stage raises; a killed process leaves
-    it RUNNING, and the resumed stage continues it. `enabled=False` (ranks other than 0)
+    it RUNNING, and the resumed stage continues it. While the store does not answer,
+    training goes on and logging is kept (see `Run`). `enabled=False` (ranks other than 0)
     gives a `NullRun`: one run per training run."""
     if not enabled:
         yield NullRun()
@@ -194,10 +294,20 @@ def start_run(
     kwargs = (
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
     )
-    with mlflow.start_run(**kwargs) as active:
-        run = Run(active.info.run_id, resumed=run_id is not None)
+    active = mlflow.start_run(**kwargs)
+    run = Run(active.info.run_id, resumed=run_id is not None, keep=True)
+    status = "FAILED"
+    try:
         run.set_tags(tags)
         yield run
+        run.close()  # what the store missed while down, or a one-line error
+        status = "FINISHED"
+    finally:
+        try:
+            with _fail_fast():
+                mlflow.end_run(status)
+        except Exception as err:  # the store is down: the run stays RUNNING there
+            log.warning("could not mark MLflow run %s %s: %s", run.id, status, err)
 
 
 # ------------------------------------------------------------------ existing runs

@@ -297,3 +297,56 @@ def test_a_stage_that_fails_writing_its_outputs_leaves_the_previous_ones_whole(
     assert {path: path.read_bytes() for path in outputs} == before  # the previous run, whole
     assert sorted((project / "models/pretrain").iterdir()) == outputs[:4]
     assert not [p for p in project.rglob("*") if p.name.endswith((".staging", ".old"))]
+
+
+@pytest.mark.slow
+def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_end(tmp_path):
+    """A team's `mlflow server` (started here on 127.0.0.1) killed after the first epoch:
+    the stage does not stall, finishes its epochs and outputs, then fails in one line."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "no server"
+                time.sleep(0.5)
+        project = make_project(tmp_path / "p", pretrain={"epochs": 4, "probe_every": 0}).parent
+        raw = yaml.safe_load((project / "params.yaml").read_text())
+        raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
+        (project / "params.yaml").write_text(yaml.safe_dump(raw))
+        env = {**_clean_env(), "MAE_MLFLOW_RETRY_S": "2", "MAE_MLFLOW_FLUSH_S": "4"}
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [_mae_cli(), "pretrain"], env=env, cwd=project, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "pretrain epoch 1/4" in line:
+                os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
+        proc.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 100  # no minutes of retries
+    assert proc.returncode == 1, "".join(lines)
+    assert any("pretrain epoch 4/4" in line for line in lines)  # training went on
+    last = lines[-1].strip()
+    assert last.startswith("mae-cli: error: the MLflow store stopped answering"), last
+    assert "were not sent; the stage's outputs are written" in last
+    assert (project / "models/pretrain/run_id").is_file()  # the work is kept
