@@ -76,8 +76,16 @@ def connect(p: TrackingParams) -> str:
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise UserError(f"cannot reach the MLflow tracking store at {uri}: {reason}") from None
         if experiment is None:
-            return client.create_experiment(p.experiment, artifact_location=_artifact_location(uri))
+            try:
+                location = _artifact_location(uri)
+                return client.create_experiment(p.experiment, artifact_location=location)
+            except Exception as err:  # e.g. a read-only store
+                raise UserError(f"cannot write to the MLflow store at {uri}: {_why(err)}") from None
     return experiment.experiment_id
+
+
+def _why(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def git_commit(root: Path) -> str | None:
@@ -294,7 +302,12 @@ def start_run(
     kwargs = (
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
     )
-    active = mlflow.start_run(**kwargs)
+    try:
+        with _fail_fast():
+            active = mlflow.start_run(**kwargs)
+    except Exception as err:  # a read-only store, a full disk under it, ...
+        where = mlflow.get_tracking_uri()
+        raise UserError(f"cannot start a run in the MLflow store at {where}: {_why(err)}") from None
     run = Run(active.info.run_id, resumed=run_id is not None, keep=True)
     status = "FAILED"
     try:
