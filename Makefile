@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 # DVC stages call `mae-cli`: find it in the project's environment.
 export PATH := $(abspath $(BIN)):$(PATH)
+# MLflow's usage telemetry stays off unless you set MLFLOW_DISABLE_TELEMETRY=false
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .DEFAULT_GOAL := help
 .PHONY: help setup dataset run gpu-run sweep compare ui test test-fast test-gpu lint format clean

@@ -119,6 +119,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Test-split top-1/top-5, per-class accuracy and confusion matrix of a tracked model."""
+    if run_id is not None and not run_id.strip():
+        raise typer.BadParameter("--run-id is empty; leave it out to evaluate this workspace")
     import json
 
     from pipeline.params import load_params
@@ -267,6 +269,8 @@ def bench_data(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Loader throughput on the train shards (data.shards) for each worker count."""
+    if purpose not in ("pretrain", "finetune", "eval"):
+        raise typer.BadParameter(f"--purpose must be pretrain, finetune or eval, got {purpose!r}")
     import json
 
     from mae import mae_config
@@ -290,6 +294,8 @@ def bench_data(
 
 
 def main() -> None:
+    # MLflow's usage telemetry stays off unless the user turns it on
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

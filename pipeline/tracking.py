@@ -73,8 +73,9 @@ def connect(p: TrackingParams) -> str:
         try:
             experiment = client.get_experiment_by_name(p.experiment)
         except Exception as err:
-            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise UserError(f"cannot reach the MLflow tracking store at {uri}: {reason}") from None
+            raise UserError(
+                f"cannot reach the MLflow tracking store at {uri}: {_why(err)}"
+            ) from None
         if experiment is None:
             try:
                 location = _artifact_location(uri)
@@ -84,8 +85,10 @@ def connect(p: TrackingParams) -> str:
     return experiment.experiment_id
 
 
-def _why(err: Exception) -> str:
-    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+def _why(err: Exception, limit: int = 200) -> str:
+    """An error's first line, cut at a word within `limit` characters."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def git_commit(root: Path) -> str | None:

@@ -302,3 +302,29 @@ def test_16_bit_grayscale_pngs_keep_their_values(tmp_path):
         png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         stored = np.asarray(Image.open(io.BytesIO(tar.extractfile(png).read())))
     assert stored.dtype == np.uint8 and np.array_equal(stored, expected)
+
+
+def test_a_cut_gzip_file_is_reported_as_truncated_not_empty(tmp_path):
+    raw = tmp_path / "raw"
+    idx_dataset(raw)
+    images, labels = np.arange(20 * 64, dtype=np.uint8).reshape(20, 8, 8), np.arange(20) % 10
+    write_idx(raw, "train", images, labels)
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-200])  # cut inside the stream (and well under 1 MB)
+    with pytest.raises(UserError, match=r"truncated: header says 20 images, the file holds"):
+        run_shard(idx_params(tmp_path))
+
+
+def test_smaller_mistakes_are_named(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.tracking import _why
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--run-id", ""])
+    assert result.exit_code == 2 and "--run-id is empty" in result.output
+    result = runner.invoke(app, ["bench", "data", "--purpose", "nonsense"])
+    assert result.exit_code == 2 and "--purpose must be pretrain, finetune or eval" in result.output
+    long = RuntimeError("connection refused " * 30)
+    assert _why(long).endswith("refused ...") and len(_why(long)) <= 204

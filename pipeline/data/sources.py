@@ -6,10 +6,10 @@ without reading any image; the shard stage decodes them in worker processes.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,19 +69,22 @@ def _decompress(path: Path, dest: Path) -> str:
     """Copy `path` (gzip or raw) to `dest` decompressed; -> the md5 of the content. A stream
     that ends early keeps what was read (the file sizes then tell how much is missing)."""
     md5 = hashlib.md5()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as src, open(dest, "wb") as out:
-        while True:
-            try:
-                chunk = src.read(1 << 20)
-            except gzip.BadGzipFile as err:  # a bad header or CRC
-                raise UserError(f"{path}: not a valid gzip file ({err})") from None
-            except (EOFError, OSError):
-                break
-            if not chunk:
-                break
-            md5.update(chunk)
-            out.write(chunk)
+    inflate = zlib.decompressobj(wbits=31) if path.suffix == ".gz" else None  # gzip framing
+    with open(path, "rb") as src, open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            while inflate is not None and chunk:
+                try:
+                    data = inflate.decompress(chunk)
+                except zlib.error as err:  # a bad header or CRC
+                    raise UserError(f"{path}: not a valid gzip file ({err})") from None
+                md5.update(data)
+                out.write(data)
+                chunk = inflate.unused_data  # a next gzip member, if any
+                if chunk:
+                    inflate = zlib.decompressobj(wbits=31)
+            if inflate is None:
+                md5.update(chunk)
+                out.write(chunk)
     return md5.hexdigest()
 
 
