@@ -281,6 +281,7 @@ def start_run(
     run_id: str | None = None,
     parent_id: str | None = None,
     enabled: bool = True,
+    key: str | None = None,
 ):
     """Start a stage's run, or continue `run_id` (a checkpoint's) when the store still has
     it; `run.resumed` says which. Tags: the stage, the manifest digest, the git commit and
@@ -294,6 +295,8 @@ def start_run(
     if run_id is not None and not run_exists(run_id):
         log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
         run_id = None
+    if run_id is None and key is not None and experiment_id is not None:
+        _end_stale_runs(experiment_id, stage, key)
     tags = {
         "stage": stage,
         "data.manifest_digest": digest,
@@ -301,6 +304,7 @@ def start_run(
         "git.commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(project_root()),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
         "mlflow.parentRunId": parent_id,
+        "checkpoint.key": key,  # the same params and data: a later start may resume it
     }
     kwargs = (
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
@@ -324,6 +328,24 @@ def start_run(
                 mlflow.end_run(status)
         except Exception as err:  # the store is down: the run stays RUNNING there
             log.warning("could not mark MLflow run %s %s: %s", run.id, status, err)
+
+
+def _end_stale_runs(experiment_id: str, stage: str, key: str) -> None:
+    """Runs of this stage and checkpoint key still RUNNING when a fresh one starts were
+    killed before their first checkpoint: marked KILLED, so that they do not look alive."""
+    stale = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        output_format="list",
+        filter_string=(
+            f"tags.stage = '{stage}' and tags.`checkpoint.key` = '{key}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in stale:
+        log.warning(
+            "run %s never finished (killed before a checkpoint): marked KILLED", run.info.run_id
+        )
+        MlflowClient().set_terminated(run.info.run_id, "KILLED")
 
 
 # ------------------------------------------------------------------ existing runs

@@ -350,3 +350,20 @@ def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_e
     assert last.startswith("mae-cli: error: the MLflow store stopped answering"), last
     assert "were not sent; the stage's outputs are written" in last
     assert (project / "models/pretrain/run_id").is_file()  # the work is kept
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_and_not_compared(project):
+    from pipeline.tools.compare import compare_rows
+
+    first = run_pretrain(load_params("params.yaml"))
+    client = mlflow.MlflowClient()
+    finished = client.get_run(first)
+    key = finished.data.tags["checkpoint.key"]
+    tags = {"stage": "pretrain", "checkpoint.key": key}
+    dead = client.create_run(finished.info.experiment_id, tags=tags)  # as a SIGKILL leaves it
+    client.log_param(dead.info.run_id, "pretrain.mask_ratio", "0.75")
+    assert client.get_run(dead.info.run_id).info.status == "RUNNING"
+    second = run_pretrain(load_params("params.yaml"))  # the same params: a fresh start
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    rows = compare_rows(load_params("params.yaml"))
+    assert {r["run_id"] for r in rows} == {first, second}

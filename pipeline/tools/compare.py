@@ -84,8 +84,8 @@ def compare_rows(p: Params) -> list[dict]:
     runs = [
         r
         for r in tracking.stage_runs(experiment_id, "pretrain")
-        if "pretrain.mask_ratio" in r.data.params
-    ]
+        if "pretrain.mask_ratio" in r.data.params and r.info.status in ("FINISHED", "RUNNING")
+    ]  # a FAILED or KILLED run compares nothing
     runs.sort(key=lambda r: r.info.start_time)
     settings = [_setting(r) for r in runs]
     code = _same_code([s["git.commit"] for s in settings])

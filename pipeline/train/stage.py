@@ -129,7 +129,8 @@ def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
     rt = resolve_runtime(p.runtime)
     experiment_id = tracking.connect(p.tracking) if rt.dist.main else None
     s, d = build(p, rt), rt.dist
-    checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{s.name}-{params_key(*s.key())}")
+    key = params_key(*s.key())
+    checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{s.name}-{key}")
     seed_rank(p.runtime.seed, d)  # a checkpoint's own streams replace these on resume
     meta = checkpoints.resume(d, s.model, s.optimizer, s.generator, s.section.epochs)
     start, run_id = (meta["epoch"] + 1, meta["run_id"]) if meta else (0, None)
@@ -143,6 +144,7 @@ def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
         run_id=run_id,
         parent_id=s.parent_id,
         enabled=d.main,
+        key=key,
     ) as run:
         if d.main and not run.resumed:
             run.log_params(s.run_params())
