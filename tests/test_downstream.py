@@ -195,8 +195,26 @@ def test_downstream_needs_the_pretrained_model(tmp_path, monkeypatch):
         run_finetune(load_params("params.yaml"))
 
 
-def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(project, monkeypatch):
+def _cut_power_in_epoch(p, monkeypatch, epoch: int) -> None:
+    """Run finetune, failing at validation in `epoch` (after the previous checkpoints)."""
     from pipeline.stages.finetune import Finetuner
+
+    calls = {"n": 0}
+    validate = Finetuner.validate
+
+    def power_cut(self):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise RuntimeError("power cut")
+        return validate(self)
+
+    monkeypatch.setattr(Finetuner, "validate", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_finetune(p)
+    monkeypatch.setattr(Finetuner, "validate", validate)
+
+
+def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(project, monkeypatch):
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["finetune"] = {**raw["finetune"], "epochs": 3}
@@ -208,19 +226,7 @@ def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(pr
         m.value for m in mlflow.MlflowClient().get_metric_history(reference, "epoch/loss")
     ]
 
-    calls = {"n": 0}
-    validate = Finetuner.validate
-
-    def power_cut(self):
-        calls["n"] += 1
-        if calls["n"] == 2:  # in epoch 2, after epoch 1's checkpoint
-            raise RuntimeError("power cut")
-        return validate(self)
-
-    monkeypatch.setattr(Finetuner, "validate", power_cut)
-    with pytest.raises(RuntimeError, match="power cut"):
-        run_finetune(p)
-    monkeypatch.setattr(Finetuner, "validate", validate)
+    _cut_power_in_epoch(p, monkeypatch, 2)  # after epoch 1's checkpoint
     (checkpoint,) = (project / ".checkpoints").glob("finetune-*/epoch-*")
     assert checkpoint.name == "epoch-0000"
     client = mlflow.MlflowClient()
@@ -265,7 +271,6 @@ def test_fine_tuning_learns_what_is_learnable(tmp_path, monkeypatch):
 
 
 def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monkeypatch, caplog):
-    from pipeline.stages.finetune import Finetuner
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["finetune"] = {**raw["finetune"], "epochs": 3}
@@ -274,19 +279,7 @@ def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monk
     run_finetune(p)
     expected = load_file(str(project / "models/finetune/model.safetensors"))
 
-    calls = {"n": 0}
-    validate = Finetuner.validate
-
-    def power_cut(self):
-        calls["n"] += 1
-        if calls["n"] == 3:  # in epoch 3, after the checkpoints of epochs 1 and 2
-            raise RuntimeError("power cut")
-        return validate(self)
-
-    monkeypatch.setattr(Finetuner, "validate", power_cut)
-    with pytest.raises(RuntimeError, match="power cut"):
-        run_finetune(p)
-    monkeypatch.setattr(Finetuner, "validate", validate)
+    _cut_power_in_epoch(p, monkeypatch, 3)  # after the checkpoints of epochs 1 and 2
     kept = sorted((project / ".checkpoints").glob("finetune-*/epoch-*"))
     assert [c.name for c in kept] == ["epoch-0000", "epoch-0001"]
     state = kept[-1] / "state.json"
