@@ -119,7 +119,8 @@ class Run:
     """One MLflow run, by id; every logging call of the stages and of `evaluate` goes
     through here (on a finished run too: logging never changes a run's status).
 
-    Training never waits on the store: each call gets a short timeout, and while the store
+    Training never waits on the store: each call gets a short timeout (artifacts a long
+    one: a model file may take a while to upload), and while the store
     does not answer, calls are kept in order (artifacts copied aside) and sent when it
     answers again, one try per `RETRY_S`. `close` sends what is left, waiting up to
     `FLUSH_S`, then fails in one line naming what was not logged."""
@@ -190,8 +191,8 @@ class Run:
         if self.down_since is not None and time.monotonic() - self.down_since < RETRY_S:
             self._keep(what, call, args)
             return
-        try:
-            with _fail_fast(timeout=5):
+        try:  # a model file to a team's server may take long: a timeout to match
+            with _fail_fast(timeout=120 if what == "artifact" else 5):
                 self._flush()
                 call(*args)
         except Exception as err:
@@ -236,7 +237,7 @@ class Run:
         deadline = time.monotonic() + FLUSH_S
         while self.pending:
             try:
-                with _fail_fast(timeout=5):
+                with _fail_fast(timeout=120):
                     self._flush()
             except Exception as err:
                 self._went_down(err)
