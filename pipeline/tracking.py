@@ -120,9 +120,9 @@ class Run:
     through here (on a finished run too: logging never changes a run's status).
 
     Training never waits on the store: each call gets a short timeout (artifacts a long
-    one: a model file may take a while to upload), and while the store
-    does not answer, calls are kept in order (artifacts copied aside) and sent when it
-    answers again, one try per `RETRY_S`. `close` sends what is left, waiting up to
+    one: a model file may take a while to upload), and while the store does not answer,
+    calls are kept in order (artifacts copied aside) and sent when it answers again, one
+    try per `RETRY_S`. `close` sends what is left, waiting up to
     `FLUSH_S`, then fails in one line naming what was not logged."""
 
     def __init__(self, run_id: str, resumed: bool = False, keep: bool = False) -> None:
