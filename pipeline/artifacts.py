@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mae import MAEConfig, build_classifier, build_linear_probe
 from pipeline.data.manifest import manifest_digest
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 
 @contextlib.contextmanager
@@ -83,9 +83,8 @@ def _readable(folder: Path) -> Iterator[None]:
     try:
         yield
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise UserError(
-            f"{folder}: not a model this pipeline wrote ({reason}); run its stage again"
+            f"{folder}: not a model this pipeline wrote ({first_line(err)}); run its stage again"
         ) from None
 
 
@@ -106,16 +105,13 @@ def save_pretrained(
 ) -> None:
     """The pretrain stage's model.safetensors (encoder + decoder; the run id in its
     metadata) and config.json, as `load_pretrained` reads them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"run_id": run_id})
     config = {
         "model": model.cfg.to_dict(),
         "preset": preset,
         "mask_ratio": mask_ratio,
         "manifest_digest": digest,
     }
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _save(folder, model.state_dict(), config, metadata={"run_id": run_id})
 
 
 def classifier_config(
@@ -143,12 +139,14 @@ def save_classifier(
     folder: Path, model: torch.nn.Module, config: dict, state: dict[str, torch.Tensor] | None = None
 ) -> list[Path]:
     """Write model.safetensors (the given `state`, else the model's) and config.json."""
+    return _save(folder, state if state is not None else model.state_dict(), config)
+
+
+def _save(folder: Path, state: dict, config: dict, metadata: dict | None = None) -> list[Path]:
+    """A model folder as every stage writes it: model.safetensors + config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = state if state is not None else model.state_dict()
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()},
-        str(folder / "model.safetensors"),
-    )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return [folder / "model.safetensors", folder / "config.json"]
 

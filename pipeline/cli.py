@@ -39,6 +39,7 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file to 
 @app.command()
 def shard(params: Path = PARAMS) -> None:
     """Raw source (data.source) -> WebDataset shards + manifest.json (data.shards)."""
+    from pipeline.data.manifest import skipped_count
     from pipeline.params import load_params
     from pipeline.stages.shard import run_shard_stage
 
@@ -47,8 +48,7 @@ def shard(params: Path = PARAMS) -> None:
     counts = ", ".join(
         f"{s} {v['count']:,} ({len(v['shards'])} shards)" for s, v in manifest["splits"].items()
     )
-    skipped = sum(s.get("count", 1) for s in manifest["skipped"])
-    typer.echo(f"wrote {p.data.shards}: {counts}; {skipped} skipped")
+    typer.echo(f"wrote {p.data.shards}: {counts}; {skipped_count(manifest)} skipped")
 
 
 def _train(stage: str, params: Path) -> None:

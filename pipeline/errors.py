@@ -5,6 +5,12 @@ class UserError(Exception):
     """Bad input, missing files or an unreachable service; the message says which."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line (its type when it says nothing), cut at a word within `limit`."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 class ParamsError(UserError):
     """A params.yaml key is unknown, of the wrong type or out of range."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.params import TrackingParams
 
 log = logging.getLogger(__name__)
@@ -74,21 +74,17 @@ def connect(p: TrackingParams) -> str:
             experiment = client.get_experiment_by_name(p.experiment)
         except Exception as err:
             raise UserError(
-                f"cannot reach the MLflow tracking store at {uri}: {_why(err)}"
+                f"cannot reach the MLflow tracking store at {uri}: {first_line(err)}"
             ) from None
         if experiment is None:
             try:
                 location = _artifact_location(uri)
                 return client.create_experiment(p.experiment, artifact_location=location)
             except Exception as err:  # e.g. a read-only store
-                raise UserError(f"cannot write to the MLflow store at {uri}: {_why(err)}") from None
+                raise UserError(
+                    f"cannot write to the MLflow store at {uri}: {first_line(err)}"
+                ) from None
     return experiment.experiment_id
-
-
-def _why(err: Exception, limit: int = 200) -> str:
-    """An error's first line, cut at a word within `limit` characters."""
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def git_commit(root: Path) -> str | None:
@@ -216,15 +212,14 @@ class Run:
             import tempfile
 
             self.spool = self.spool or Path(tempfile.mkdtemp(prefix="mae-mlflow-"))
-            copy = self.spool / str(len(self.pending)) / Path(args[0]).name
-            copy.parent.mkdir(parents=True)
+            copy = Path(tempfile.mkdtemp(dir=self.spool)) / Path(args[0]).name
             shutil.copy2(args[0], copy)
             args = (copy, *args[1:])
         self.pending.append((what, call, args))
 
     def _went_down(self, err: Exception) -> None:
         if self.down_since is None or not self.error:
-            self.error = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            self.error = first_line(err)
             log.warning(
                 "the MLflow store does not answer (%s): training goes on, logging is kept "
                 "and sent when it answers",
@@ -254,6 +249,7 @@ class Run:
             import shutil
 
             shutil.rmtree(self.spool, ignore_errors=True)
+            self.spool = None
 
 
 class NullRun:
@@ -315,7 +311,9 @@ def start_run(
             active = mlflow.start_run(**kwargs)
     except Exception as err:  # a read-only store, a full disk under it, ...
         where = mlflow.get_tracking_uri()
-        raise UserError(f"cannot start a run in the MLflow store at {where}: {_why(err)}") from None
+        raise UserError(
+            f"cannot start a run in the MLflow store at {where}: {first_line(err)}"
+        ) from None
     run = Run(active.info.run_id, resumed=run_id is not None, keep=True)
     status = "FAILED"
     try:

@@ -21,14 +21,12 @@ cli() { "$py" -m pipeline.cli "$@"; }
 gpu_params() {
     "$py" - "$@" <<'PY'
 import sys, yaml
-from pipeline.params import parse_params
-params = yaml.safe_load(open("params.yaml"))
-for section, values in yaml.safe_load(open("recipes/fashion-mnist-gpu.yaml")).items():
-    params[section].update(values)
+from pipeline.params import merge, parse_params, read_yaml
+params = merge(read_yaml("params.yaml"), read_yaml("recipes/fashion-mnist-gpu.yaml"))
 for arg in sys.argv[1:]:
     key, value = arg.split("=", 1)
     section, name = key.split(".")
-    params[section][name] = yaml.safe_load(value)
+    params = merge(params, {section: {name: yaml.safe_load(value)}})
 parse_params(params)
 yaml.safe_dump(params, open("gpu-params.yaml", "w"), sort_keys=False)
 PY

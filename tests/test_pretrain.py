@@ -367,3 +367,30 @@ def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_and_not_compa
     assert client.get_run(dead.info.run_id).info.status == "KILLED"
     rows = compare_rows(load_params("params.yaml"))
     assert {r["run_id"] for r in rows} == {first, second}
+
+
+def test_artifacts_kept_in_two_outages_are_all_sent(tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking, "RETRY_S", 0.0)
+    up, sent = {"yes": False}, []
+
+    def upload(self, path, artifact_dir):
+        if not up["yes"]:
+            raise ConnectionError("connection refused")
+        sent.append(Path(path).read_text())
+
+    monkeypatch.setattr(tracking.Run, "_log_file", upload)
+    run = tracking.Run("r", keep=True)
+    for outage in ("first", "second"):
+        for i in range(2):
+            (tmp_path / "a.txt").write_text(f"{outage} {i}")
+            run.log_file(tmp_path / "a.txt")  # kept: the store is down
+        up["yes"] = True
+        (tmp_path / "a.txt").write_text(f"{outage} back")
+        run.log_file(tmp_path / "a.txt")  # the store is back: the kept ones go first
+        up["yes"] = False
+    up["yes"] = True
+    run.close()
+    expected = [f"{o} {i}" for o in ("first", "second") for i in ("0", "1", "back")]
+    assert sent == expected

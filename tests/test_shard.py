@@ -266,6 +266,7 @@ def test_imagefolder_links_are_followed_safely_and_every_input_accounted_for(tmp
     (root / "dog" / "gone.png").symlink_to(root / "nowhere.png")  # dangling
     (root / "dog" / "loop.png").symlink_to(root / "dog" / "loop.png")  # a loop
     (root / "dog" / "up").symlink_to(root, target_is_directory=True)  # back up the tree
+    (root / "dog" / "cat.jpg").symlink_to(root / "cat" / "000.jpg")  # a second label
     outside = imagefolder(tmp_path / "elsewhere", {"x": 1})
     (root / "cat" / "out.png").symlink_to(next((outside / "x").iterdir()))
     p = folder_params(tmp_path, root, val_fraction=0.2, test_fraction=0.2, workers=0)
@@ -280,6 +281,7 @@ def test_imagefolder_links_are_followed_safely_and_every_input_accounted_for(tmp
     assert reasons["gone.png"] == reasons["loop.png"] == "broken or looping symlink"
     assert reasons["up"].startswith("symlink loop")
     assert reasons["out.png"].startswith("symlink leads outside the root")
+    assert reasons["cat.jpg"].startswith("symlink leads out of its class folder")
     assert sum(v["count"] for v in manifest["splits"].values()) == 12  # the real images, once
 
 
@@ -319,7 +321,7 @@ def test_smaller_mistakes_are_named(tmp_path):
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.tracking import _why
+    from pipeline.errors import first_line
 
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--run-id", ""])
@@ -327,4 +329,4 @@ def test_smaller_mistakes_are_named(tmp_path):
     result = runner.invoke(app, ["bench", "data", "--purpose", "nonsense"])
     assert result.exit_code == 2 and "--purpose must be pretrain, finetune or eval" in result.output
     long = RuntimeError("connection refused " * 30)
-    assert _why(long).endswith("refused ...") and len(_why(long)) <= 204
+    assert first_line(long).endswith("refused ...") and len(first_line(long)) <= 204

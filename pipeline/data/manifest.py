@@ -35,6 +35,11 @@ def read_manifest(folder: Path | str) -> dict:
     return manifest
 
 
+def skipped_count(manifest: dict) -> int:
+    """Inputs the shard stage skipped (an entry may stand for a range of records)."""
+    return sum(s.get("count", 1) for s in manifest["skipped"])
+
+
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its checked sha256
 
 

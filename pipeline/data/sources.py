@@ -261,30 +261,31 @@ def _class_dirs(tree: Path, root: Path, listing: SourceListing, policy: str, spl
     return out
 
 
-def _link_problem(path: Path, root: Path) -> str | None:
-    """Why `path` (a symlink, or inside one) cannot be read as its own input: None if it can."""
+def _link_problem(path: Path, root: Path, within: Path | None = None) -> str | None:
+    """Why `path` (a symlink) cannot be read as an input: None if it can (or is no link).
+    A link must resolve inside the root, not to a folder that holds it, and, `within` a
+    class folder, inside that folder: else its images would get a second label."""
     if not path.is_symlink():
         return None
     try:
         target = path.resolve(strict=True)
     except (FileNotFoundError, RuntimeError, OSError):  # RuntimeError: a loop, Python < 3.13
         return "broken or looping symlink"
-    real_root = root.resolve()
-    if real_root != target and real_root not in target.parents:
+    inside = lambda folder: target == folder or folder in target.parents  # noqa: E731
+    holder = path.parent.resolve()
+    if not inside(root.resolve()):
         return f"symlink leads outside the root ({target})"
-    if target.is_dir() and (
-        target == real_root
-        or target in path.parent.resolve().parents
-        or target == path.parent.resolve()
-    ):
+    if target.is_dir() and (target == holder or target in holder.parents):
         return "symlink loop (leads back to a folder that holds it)"
+    if within is not None and not inside(within):
+        return f"symlink leads out of its class folder ({target})"
     return None
 
 
 def _class_files(class_dir: Path, root: Path, listing: SourceListing, policy: str, split: str):
     """Every file under `class_dir`, links followed once each and inside the root; each
     link that cannot be followed is recorded, never dropped."""
-    files, seen = [], set()
+    files, seen, own = [], set(), class_dir.resolve()
     for folder, dirnames, filenames in os.walk(class_dir, followlinks=True):
         real = Path(folder).resolve()
         if real in seen:  # reached twice through links: read once
@@ -294,13 +295,13 @@ def _class_files(class_dir: Path, root: Path, listing: SourceListing, policy: st
         dirnames.sort()  # walk in name order: the listing (and the manifest) is stable
         for name in list(dirnames):
             path = Path(folder) / name
-            reason = _link_problem(path, root)
+            reason = _link_problem(path, root, own)
             if reason is not None:
                 dirnames.remove(name)
                 _bad(listing, policy, split, str(path), reason)
         for name in sorted(filenames):
             path = Path(folder) / name
-            reason = _link_problem(path, root) or (None if path.is_file() else "not a file")
+            reason = _link_problem(path, root, own) or (None if path.is_file() else "not a file")
             if reason is not None:
                 _bad(listing, policy, split, str(path), reason)
             else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.data.manifest import manifest_digest
+from pipeline.data.manifest import manifest_digest, skipped_count
 from pipeline.data.shard import run_shard
 from pipeline.params import Params, flatten
 
@@ -33,7 +33,7 @@ def _log_run(p: Params, manifest: dict, manifest_path: Path, digest: str) -> str
             counts[f"data/{split}/shards"] = len(entry["shards"])
             for name, n in entry["per_class"].items():
                 counts[f"data/{split}/class/{tracking.metric_name(name)}"] = n
-        counts["data/skipped"] = sum(s.get("count", 1) for s in manifest["skipped"])
+        counts["data/skipped"] = skipped_count(manifest)
         run.log_metrics(counts)
         run.log_file(manifest_path)
         run.log_dataset(manifest_path, digest, p.data.source, "source")

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.train.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,7 @@ class Checkpoints:
                 RuntimeError,
                 SafetensorError,
             ) as err:
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                log.warning("checkpoint %s cannot be read (%s): skipped", path, reason[:200])
+                log.warning("checkpoint %s cannot be read (%s): skipped", path, first_line(err))
                 continue
             log.info("resuming from %s (epoch %d of %d)", path, meta["epoch"] + 2, epochs)
             return meta

@@ -51,7 +51,8 @@ class Stage:
 
     def __init__(self, p: Params, rt: Runtime) -> None:
         self.p, self.rt = p, rt
-        self.section: Any = getattr(p, self.section_name or self.name)
+        self.section_name = self.section_name or self.name
+        self.section: Any = getattr(p, self.section_name)
         self.history = History()
         self.best: dict = {"top1": -1.0, "epoch": 0, "state": None}
 
@@ -69,7 +70,7 @@ class Stage:
         steps = batches_per_epoch // self.accum_iter
         if steps < 1:
             raise UserError(
-                f"{self.section_name or self.name}.batch_size {s.batch_size} x accum_iter "
+                f"{self.section_name}.batch_size {s.batch_size} x accum_iter "
                 f"{self.accum_iter} x {world} rank(s) is larger than the train split"
             )
         clip = getattr(s, "clip_grad", None)
@@ -156,12 +157,12 @@ def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
             s.history.epochs.append(summary)
             run.log_metrics(_epoch_metrics(s.name, summary), step=epoch + 1)
             log.info(_epoch_line(s.name, s.section.epochs, summary))
-            if summary.get("val_top1", -1.0) > s.best["top1"]:  # on validation, never test
-                state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
-                s.best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
             rngs = d.gather(rng_state())  # every rank's, for rank 0's checkpoint
             if not d.main:
                 continue
+            if summary.get("val_top1", -1.0) > s.best["top1"]:  # on validation, never test
+                state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+                s.best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
             s.after_epoch(epoch, run)
             best = {"best_top1": s.best["top1"], "best_epoch": s.best["epoch"]}
             saved = checkpoints.save(
