@@ -41,8 +41,11 @@ run: setup ## Set up, then run the whole pipeline with DVC (dvc repro)
 GPU_RECIPE ?= recipes/fashion-mnist-gpu.yaml
 gpu-run: setup ## Run the GPU recipe (GPU_RECIPE) as a DVC experiment, on every local GPU
 	@# The recipe is checked against params.yaml first: a bad key stops here, named.
+	@# With a DVC remote (`dvc remote add -d`), pull the shards (and any outputs it holds)
+	@# instead of building them again.
 	args="$$($(BIN)/python -m pipeline.tools.recipe $(GPU_RECIPE))" && \
-		eval "$(BIN)/dvc exp run -n gpu-recipe $$args"
+		pull="$$($(BIN)/dvc remote default >/dev/null 2>&1 && echo --pull || true)" && \
+		eval "$(BIN)/dvc exp run $$pull -n gpu-recipe $$args"
 
 MASK_RATIOS ?= 0.25,0.5,0.75,0.9
 sweep: setup ## Queue and run a mask-ratio sweep (MASK_RATIOS=...), then compare

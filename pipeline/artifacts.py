@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mae import MAEConfig, build_classifier, build_linear_probe
-from pipeline.data.manifest import manifest_digest
+from pipeline.data.store import ShardStore
 from pipeline.errors import UserError, first_line
 
 
@@ -59,7 +59,7 @@ class Pretrained:
     manifest_digest: str
 
 
-def load_pretrained(folder: Path, shards: Path) -> Pretrained:
+def load_pretrained(folder: Path, shards: ShardStore) -> Pretrained:
     """The pretrain stage's output, checked against the shards it will be used with."""
     files = [folder / n for n in ("config.json", "model.safetensors", "run_id")]
     missing = [str(f) for f in files if not f.is_file()]
@@ -88,14 +88,14 @@ def _readable(folder: Path) -> Iterator[None]:
         ) from None
 
 
-def check_shards(config: dict, shards: Path, what: str) -> str:
+def check_shards(config: dict, shards: ShardStore, what: str) -> str:
     """The shards' manifest digest; UserError naming `what` unless the saved model's
     `config` says it was trained on these very shards."""
-    digest = manifest_digest(shards)
+    digest = shards.digest()
     if config["manifest_digest"] != digest:
         raise UserError(
             f"{what} was trained on other shards (manifest digest "
-            f"{config['manifest_digest'][:12]}; {shards} has {digest[:12]})"
+            f"{config['manifest_digest'][:12]}; {shards.location} has {digest[:12]})"
         )
     return digest
 

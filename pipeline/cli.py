@@ -259,6 +259,13 @@ def bench_step(
     typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
 
 
+def _counts(option: str, value: str) -> list[int]:
+    try:
+        return [int(w) for w in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{option} must be integers like 0,1,2, got {value!r}") from None
+
+
 @bench_app.command("data")
 def bench_data(
     params: Path = PARAMS,
@@ -266,30 +273,65 @@ def bench_data(
     batch_size: int = typer.Option(256, min=1),
     purpose: str = typer.Option("pretrain", help="pretrain, finetune or eval transforms."),
     images: int = typer.Option(20_000, min=1, help="Images to read per measurement."),
+    img_size: int = typer.Option(None, min=1, help="Output size (default: the model's)."),
+    reader: str = typer.Option(
+        "mae", help="mae (this loader), webdataset (a plain pipeline, same transform) or both."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Loader throughput on the train shards (data.shards) for each worker count."""
     if purpose not in ("pretrain", "finetune", "eval"):
         raise typer.BadParameter(f"--purpose must be pretrain, finetune or eval, got {purpose!r}")
+    if reader not in ("mae", "webdataset", "both"):
+        raise typer.BadParameter(f"--reader must be mae, webdataset or both, got {reader!r}")
     import json
 
     from mae import mae_config
+    from pipeline.data.store import shard_store
     from pipeline.params import load_params
-    from pipeline.tools.bench import bench_loader
+    from pipeline.tools.bench_data import bench_loader
 
     p = load_params(params)
-    img_size = mae_config(p.model.name).image_hw[0]
-    try:
-        counts = [int(w) for w in workers.split(",")]
-    except ValueError:
+    size = img_size or mae_config(p.model.name).image_hw[0]
+    readers = ["mae", "webdataset"] if reader == "both" else [reader]
+    for n in _counts("--workers", workers):
+        for r in readers:
+            try:
+                result = bench_loader(shard_store(p.data), size, n, batch_size, purpose, images, r)
+            except ValueError as err:
+                raise typer.BadParameter(str(err)) from None
+            typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
+
+
+@bench_app.command("shard")
+def bench_shard(
+    params: Path = PARAMS,
+    root: str = typer.Option(None, help="The source to shard (default: data.root)."),
+    source: str = typer.Option(
+        None, help="fashion-mnist, idx or imagefolder (default: data.source)."
+    ),
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts to measure."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """The shard stage's img/s and peak memory on a source, into a temporary folder."""
+    if source not in (None, "fashion-mnist", "idx", "imagefolder"):
         raise typer.BadParameter(
-            f"--workers must be integers like 0,1,2, got {workers!r}"
-        ) from None
-    for n in counts:
+            f"--source must be fashion-mnist, idx or imagefolder, got {source!r}"
+        )
+    import json
+
+    from pipeline.params import load_params
+    from pipeline.tools.bench_data import bench_shard as measure
+
+    p = load_params(params)
+    data = p.data.model_copy(
+        update={"root": root or p.data.root, "source": source or p.data.source}
+    )
+    for n in _counts("--workers", workers):
         try:
-            result = bench_loader(p.data.shards, img_size, n, batch_size, purpose, images)
+            result = measure(data, n)
         except ValueError as err:
-            raise typer.BadParameter(str(err)) from None
+            raise UserError(str(err)) from None
         typer.echo(json.dumps(result.to_dict()) if as_json else result.line())
 
 

@@ -9,6 +9,7 @@ is merged over params.yaml first: `merge`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,8 @@ class DataParams(Section):
     on_bad_input: Literal["fail", "skip"]
     workers: Annotated[int, Field(ge=0)]
     seed: Annotated[int, Field(ge=0)]
+    cache: str
+    cache_max_gb: Positive
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -67,6 +70,12 @@ class DataParams(Section):
         if value + info.data.get("val_fraction", 0) >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         return value
+
+
+def project_root() -> Path:
+    """Where relative stores and caches live: `DVC_ROOT` when DVC runs us (in a `dvc exp`
+    temporary copy too), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 class ModelParams(Section):

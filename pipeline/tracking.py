@@ -21,14 +21,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError, first_line
-from pipeline.params import TrackingParams
+from pipeline.params import TrackingParams, project_root
 
 log = logging.getLogger(__name__)
 SCRATCH_TAG = "scratch.run_id"  # on a pretrain run: the run of its scratch control
-
-
-def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def resolve_uri(p: TrackingParams) -> str:

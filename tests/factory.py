@@ -133,6 +133,8 @@ def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
     with keys numbered globally, and a manifest.json like the shard stage writes."""
     from webdataset import TarWriter
 
+    from pipeline.data.tarindex import write_index
+
     folder.mkdir(parents=True, exist_ok=True)
     splits, key = {}, 0
     for split in ("train", "test"):
@@ -144,7 +146,8 @@ def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
                     pgm = b"P5\n%d %d\n255\n" % (size, size) + bytes([key % 256]) * size * size
                     w.write({"__key__": f"{key:08d}", "pgm": pgm, "cls": b"%d" % (key % 10)})
                     key += 1
-            entries.append({"name": name, "count": count})
+            index = write_index(folder / name, count)
+            entries.append({"name": name, "count": count, "index": index})
         splits[split] = {"count": sum(counts), "shards": entries}
     manifest = {
         "channels": 1,

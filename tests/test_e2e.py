@@ -78,6 +78,21 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
 
     assert "Data and pipelines are up to date" in run_cmd(["dvc", "repro"], repo)
 
+    # A team shares shards and models through a DVC remote (here a local folder): push from
+    # this clone, pull into another, and there `dvc repro` has nothing to do.
+    run_cmd(["dvc", "remote", "add", "-d", "team", str(tmp_path / "dvc-remote")], repo)
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "commit", "-qm", "a run, and the team's remote"], repo)
+    run_cmd(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    run_cmd(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "data/shards").exists()
+    run_cmd(["dvc", "pull"], clone)
+    assert "Data and pipelines are up to date" in run_cmd(["dvc", "repro"], clone)
+    for folder in ("data/shards", "models/finetune"):
+        files = sorted(p.relative_to(repo) for p in (repo / folder).rglob("*") if p.is_file())
+        assert files and all((clone / f).read_bytes() == (repo / f).read_bytes() for f in files)
+
     # Another mask ratio: everything downstream of pretraining re-runs, the control does not.
     out = run_cmd(["dvc", "exp", "run", "-S", "pretrain.mask_ratio=0.5"], repo)
     assert "Running stage 'pretrain'" in out and "Running stage 'scratch'" not in out

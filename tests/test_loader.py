@@ -12,7 +12,7 @@ import torch
 from pipeline.data.loader import Augment, build_loader
 from pipeline.data.plan import batches_per_epoch, rank_batches
 from pipeline.data.shard import run_shard
-from pipeline.data.tarindex import index_shards, pgm
+from pipeline.data.tarindex import pgm, read_index, write_index
 from pipeline.errors import UserError
 from tests.factory import data_params, folder_params, idx_dataset, imagefolder, shard_set
 
@@ -76,12 +76,12 @@ def test_ranks_together_see_the_global_batches_of_one_rank(world):
         assert together.tolist() == batch.tolist()
 
 
-def test_index_matches_webdataset_reading(tmp_path):
+def test_the_shard_stage_index_matches_webdataset_reading(tmp_path):
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     folder = shard_set(tmp_path / "shards", [3, 5])
-    paths = [str(folder / f"train-{i:06d}.tar") for i in range(2)]
-    index = index_shards(paths, [3, 5])
+    paths = [folder / f"train-{i:06d}.tar" for i in range(2)]
+    index = read_index([p.with_suffix(".idx") for p in paths], [3, 5])
     samples = []
     for path in paths:
         with open(path, "rb") as f:
@@ -89,10 +89,15 @@ def test_index_matches_webdataset_reading(tmp_path):
     assert index.key.tolist() == [s["__key__"] for s in samples]
     assert index.label.tolist() == [int(s["cls"]) for s in samples]
     for i, s in enumerate(samples):
-        data = Path(index.paths[index.shard[i]]).read_bytes()
+        data = paths[index.shard[i]].read_bytes()
         assert data[index.offset[i] : index.offset[i] + index.size[i]] == s["pgm"]
     with pytest.raises(UserError, match=r"train-000001.tar holds 5 samples, the manifest says 4"):
-        index_shards(paths, [3, 4])
+        write_index(paths[1], 4)
+    with pytest.raises(UserError, match=r"train-000001.idx lists 5 samples, the manifest says 4"):
+        read_index([p.with_suffix(".idx") for p in paths], [3, 4])
+    paths[0].with_suffix(".idx").write_bytes(b"not an index")
+    with pytest.raises(UserError, match=r"train-000000.idx: not a shard index"):
+        read_index([p.with_suffix(".idx") for p in paths], [3, 5])
 
 
 def _epoch(folder, split, purpose, rank, world, workers, batch, epoch):

@@ -22,8 +22,10 @@ Images are decoded, transformed, normalised with the manifest's mean/std, and ba
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +37,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
-from pipeline.data.manifest import read_manifest, verify_shards
 from pipeline.data.plan import SHUFFLE_WINDOW, batches_per_epoch, rank_batches
-from pipeline.data.tarindex import ShardIndex, index_shards, pgm
+from pipeline.data.store import ShardStore, as_store
+from pipeline.data.tarindex import ShardIndex, pgm
 from pipeline.errors import UserError
 
 Purpose = Literal["pretrain", "finetune", "eval"]
@@ -84,8 +86,9 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
+        store: ShardStore,
+        entries: list[dict],
         index: ShardIndex,
-        counts: list[int],
         *,
         transform,
         mode: str,
@@ -99,7 +102,8 @@ class ShardStream(IterableDataset):
         num_workers: int,
         window: int,
     ) -> None:
-        self.index, self.counts = index, counts
+        self.store, self.entries, self.index = store, entries, index
+        self.counts = [e["count"] for e in entries]
         self.transform, self.mode = transform, mode
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
@@ -127,18 +131,26 @@ class ShardStream(IterableDataset):
         if info is not None and self.train:  # seed the per-image augmentation of this worker
             torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker)) % 2**62)
         files: dict[int, int] = {}
+        mine = self.batches()[worker::workers]
+        ahead = Prefetch(self.store, self.entries, self.index, mine) if self.store.remote else None
         try:
-            for ids in self.batches()[worker::workers]:
-                yield self._collate(ids, files)
+            for ids in mine:
+                yield self._collate(ids, files, ahead)
+        except UserError as err:  # as data: a worker's exception would reach the user wrapped
+            yield {"error": str(err)}
         finally:
+            if ahead is not None:
+                ahead.stop()
             for fd in files.values():
                 os.close(fd)
 
-    def _decode(self, i: int, files: dict[int, int]):
+    def _decode(self, i: int, files: dict[int, int], ahead: Prefetch | None):
         x = self.index
         shard = int(x.shard[i])
         if shard not in files:
-            files[shard] = os.open(x.paths[shard], os.O_RDONLY)
+            if ahead is not None:
+                ahead.reached(shard)
+            files[shard] = os.open(self.store.path(self.entries[shard]), os.O_RDONLY)
         data = os.pread(files[shard], int(x.size[i]), int(x.offset[i]))
         if self.transform is None and self.mode == "L" and (pixels := pgm(data)) is not None:
             return pixels
@@ -146,19 +158,52 @@ class ShardStream(IterableDataset):
             img = img.convert(self.mode)
             return np.asarray(img) if self.transform is None else self.transform(img)
 
-    def _images(self, ids: np.ndarray, files: dict[int, int]) -> torch.Tensor:
+    def _images(self, ids: np.ndarray, files: dict[int, int], ahead) -> torch.Tensor:
         if self.transform is not None:
-            return torch.stack([self._decode(i, files) for i in ids])
-        pixels = torch.from_numpy(np.stack([self._decode(i, files) for i in ids]))
+            return torch.stack([self._decode(i, files, ahead) for i in ids])
+        pixels = torch.from_numpy(np.stack([self._decode(i, files, ahead) for i in ids]))
         pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
         return (pixels.float() - self.mean) / self.std
 
-    def _collate(self, ids: np.ndarray, files: dict[int, int]) -> dict:
+    def _collate(self, ids: np.ndarray, files: dict[int, int], ahead) -> dict:
         return {
-            "image": self._images(ids, files),
+            "image": self._images(ids, files, ahead),
             "label": torch.from_numpy(self.index.label[ids]),
             "key": self.index.key[ids].tolist(),
         }
+
+
+class Prefetch:
+    """Fetches a worker's remote shards in a thread, in the order its batches first read
+    them, at most `ahead` shards beyond the one being read: training starts on the first
+    shard while the next ones arrive. A fetch that fails here is tried again (and its
+    error raised) when the worker itself needs the shard."""
+
+    def __init__(self, store: ShardStore, entries, index: ShardIndex, batches, ahead: int = 2):
+        ids = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        shards = index.shard[ids]
+        _, first = np.unique(shards, return_index=True)
+        self.order = shards[np.sort(first)].tolist()
+        self.store, self.entries = store, entries
+        self.room = threading.Semaphore(ahead + 1)
+        self.done = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        for shard in self.order:
+            self.room.acquire()
+            if self.done:
+                return
+            with contextlib.suppress(UserError):
+                self.store.path(self.entries[shard])
+
+    def reached(self, shard: int) -> None:
+        """The worker opens `shard`: one more may be fetched ahead."""
+        self.room.release()
+
+    def stop(self) -> None:
+        self.done = True
+        self.room.release()
 
 
 class ShardLoader:
@@ -192,7 +237,10 @@ class ShardLoader:
         return self.device_augment(imgs, generator, rank, world)
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.loader)
+        for batch in self.loader:
+            if "error" in batch:
+                raise UserError(batch["error"])
+            yield batch
 
     def __len__(self) -> int:
         d = self.dataset
@@ -210,7 +258,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 def build_loader(
-    shards: Path | str,
+    shards: ShardStore | Path | str,
     split: str,
     purpose: Purpose,
     *,
@@ -231,18 +279,18 @@ def build_loader(
     the few samples that do not fill a global batch; "eval" reads every sample exactly once.
     See `ShardLoader.device_augment`.
     """
-    manifest = read_manifest(shards)
+    store = as_store(shards)
+    manifest = store.manifest()
     if split not in manifest["splits"]:
-        raise UserError(f"{shards}/manifest.json has no split {split!r}")
+        raise UserError(f"{store.url('manifest.json')} has no split {split!r}")
     entries = manifest["splits"][split]["shards"]
-    verify_shards(shards, entries)
-    paths = [str(Path(shards) / e["name"]) for e in entries]
-    counts = [e["count"] for e in entries]
+    store.verify(entries)
     rank, world_size = _rank_and_world(rank, world_size)
     transform, device_augment = _transforms(manifest, purpose, img_size, aug, batch_augment)
     dataset = ShardStream(
-        index_shards(paths, counts),
-        counts,
+        store,
+        entries,
+        store.index(entries),
         transform=transform,
         mode="L" if manifest["channels"] == 1 else "RGB",
         mean=manifest["mean"],

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.manifest import FORMAT
 from pipeline.data.shard_worker import Chunk, ChunkResult, Context, init_worker, write_chunk
 from pipeline.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -29,6 +30,7 @@ from pipeline.data.sources import (
     list_idx,
     list_imagefolder,
 )
+from pipeline.data.store import is_url
 from pipeline.errors import UserError
 from pipeline.params import DataParams
 
@@ -95,6 +97,11 @@ def _list_source(p: DataParams, workdir: Path) -> SourceListing:
 
 def run_shard(p: DataParams) -> dict:
     """Write `p.shards` from `p.source`; -> the manifest (also written as manifest.json)."""
+    if is_url(p.shards):
+        raise UserError(
+            f"data.shards is a URL ({p.shards}): the shard stage writes a local folder; "
+            "write the shards there, copy the folder to the store, and read it by URL"
+        )
     out = Path(p.shards)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
@@ -135,6 +142,9 @@ def _write(p: DataParams, staging: Path) -> dict:
         for part in r.parts:  # final names: consecutive per split, in chunk order
             name = f"{r.split}-{len(shards[r.split]):06d}.tar"
             (folder / part.pop("tmp")).rename(folder / name)
+            index = part["index"]  # <shard>.idx: its samples' byte ranges, labels, keys
+            (folder / index["name"]).rename(folder / Path(name).with_suffix(".idx"))
+            index["name"] = Path(name).with_suffix(".idx").name
             shards[r.split].append({"name": name, **part})
         for label, count in r.per_class.items():
             per_class[r.split][label] += count
@@ -143,7 +153,8 @@ def _write(p: DataParams, staging: Path) -> dict:
         skipped += r.skipped
         stats += r.stats
         color |= r.color and r.split == "train"
-        sizes |= r.sizes
+        if len(sizes) < 2:
+            sizes |= r.sizes
         progress.update(sum(part["count"] for part in r.parts) + len(r.skipped))
     progress.close()
     channels = _channels(p, bool(listing.idx_images), color)
@@ -210,7 +221,7 @@ def _manifest(
         if accounting[src]["inputs"] != written[src] + n_bad:  # a bug, never a user error
             raise RuntimeError(f"shard accounting does not add up: {accounting}")
     return {
-        "format": 1,
+        "format": FORMAT,
         "source": {"kind": p.source, **listing.description},
         "params": {
             "val_fraction": p.val_fraction,

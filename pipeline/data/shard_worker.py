@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.sources import Input, Skipped
+from pipeline.data.tarindex import write_index
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # how PIL opens 16-bit gray PNGs
@@ -32,7 +33,7 @@ class Chunk:
 class ChunkResult:
     split: str
     number: int
-    parts: list[dict] = field(default_factory=list)  # {"tmp", "count", "bytes", "sha256"}
+    parts: list[dict] = field(default_factory=list)  # {"tmp", "count", "bytes", "sha256", "index"}
     per_class: dict[int, int] = field(default_factory=dict)
     written: dict[str, int] = field(default_factory=dict)  # per source split
     skipped: list[Skipped] = field(default_factory=list)
@@ -157,7 +158,8 @@ def write_chunk(chunk: Chunk) -> ChunkResult:
         out.per_class[item.label] = out.per_class.get(item.label, 0) + 1
         out.written[item.source] = out.written.get(item.source, 0) + 1
         out.color |= color
-        out.sizes.add(size)
+        if len(out.sizes) < 2:  # one size, or mixed: no more is needed
+            out.sizes.add(size)
         if stats is not None:
             out.stats += stats
     if writer is not None:
@@ -167,4 +169,5 @@ def write_chunk(chunk: Chunk) -> ChunkResult:
         part["bytes"] = path.stat().st_size
         with path.open("rb") as f:  # in pieces: a shard can be hundreds of MB
             part["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        part["index"] = write_index(path, part["count"])
     return out

@@ -237,8 +237,8 @@ def list_imagefolder(root: Path, *, on_bad_input: str) -> SourceListing:
                         f"unsupported file type (expected {', '.join(IMAGE_EXTENSIONS)})",
                     )
                     continue
-                label = classes.index(class_dir.name)
-                inputs.append(Input(split, len(inputs), label, str(path), str(path)))
+                label, name = classes.index(class_dir.name), str(path)  # one str: ref and name
+                inputs.append(Input(split, len(inputs), label, name, name))
         listing.splits[split] = inputs
     return listing
 

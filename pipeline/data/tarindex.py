@@ -1,18 +1,21 @@
-"""Where each sample of a split lives, read once from the tar headers, and a fast path for
-the images IDX sources become.
+"""Where each sample of a split lives, and a fast path for the images IDX sources become.
 
 A WebDataset shard is a plain tar: a 512-byte header per member, then its data. Reading
 the headers alone (no image data) gives every sample's byte range, so a loader can read
 any sample by offset, in any order, without streaming whole shards. Members are grouped
-into samples as WebDataset does: `<key>.<ext>`, consecutive members with one key.
+into samples as WebDataset does: `<key>.<ext>`, consecutive members with one key. The
+shard stage does this once per shard and writes the result beside it (`<shard>.idx`,
+listed in the manifest); loaders read those small files, not the tars' headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,12 +24,14 @@ from pipeline.errors import UserError
 IMAGE_EXTS = ("pgm", "png", "jpg")
 
 
+INDEX_DTYPE = [("offset", "<i8"), ("size", "<i8"), ("label", "<i8")]  # + ("key", "S<n>")
+
+
 @dataclass(frozen=True)
 class ShardIndex:
-    """Where each sample of a split lives: its shard, the byte range of its image, its
-    label and key; one entry per sample id, from the tar headers."""
+    """Where each sample of a split lives: its shard (a position in the split's manifest
+    entries), the byte range of its image, its label and key; one entry per sample id."""
 
-    paths: list[str]
     shard: np.ndarray  # (n,) int32
     offset: np.ndarray  # (n,) int64: the image's first byte
     size: np.ndarray  # (n,) int64
@@ -69,7 +74,9 @@ def _long_name(extra: bytes, kind: bytes) -> str | None:
     return None
 
 
-def _index_shard(buf, path: str, shard: int, count: int, cols: dict[str, list]) -> None:
+def shard_samples(buf, path: str, count: int) -> np.ndarray:
+    """The samples of one shard (bytes or mmap) from its headers, in tar order, as a
+    structured array (INDEX_DTYPE + key); checked against the manifest's `count`."""
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     for name, offset, size in _tar_members(buf):
         base = name.rsplit("/", 1)[-1]
@@ -79,6 +86,7 @@ def _index_shard(buf, path: str, shard: int, count: int, cols: dict[str, list]) 
         samples.setdefault(name[: len(name) - len(base)] + stem, {})[ext.lower()] = (offset, size)
     if len(samples) != count:
         raise UserError(f"{path} holds {len(samples)} samples, the manifest says {count}")
+    rows = []
     for key, members in samples.items():
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None or "cls" not in members:
@@ -86,26 +94,45 @@ def _index_shard(buf, path: str, shard: int, count: int, cols: dict[str, list]) 
                 f"{path}: sample {key} has no {'image' if ext is None else 'label (.cls)'}"
             )
         offset, size = members["cls"]
-        cols["label"].append(int(buf[offset : offset + size]))
-        cols["shard"].append(shard)
-        cols["offset"].append(members[ext][0])
-        cols["size"].append(members[ext][1])
-        cols["key"].append(key)
+        rows.append((*members[ext], int(buf[offset : offset + size]), key.encode("utf-8")))
+    width = max((len(r[3]) for r in rows), default=1)
+    return np.array(rows, dtype=[*INDEX_DTYPE, ("key", f"S{width}")])
 
 
-def index_shards(paths: list[str], counts: list[int]) -> ShardIndex:
-    """Read the headers (and the one-line labels) of `paths`; check them against `counts`."""
-    cols: dict[str, list] = {k: [] for k in ("shard", "offset", "size", "label", "key")}
-    for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _index_shard(buf, path, i, count, cols)
+def write_index(tar: Path, count: int) -> dict:
+    """Index `tar` from its headers into `<name>.idx` beside it (a .npy file: fixed bytes
+    for the same tar) -> its manifest entry {"name", "bytes", "sha256"}. Written once by
+    the shard stage, so no loader on any rank reads a tar's headers again."""
+    with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        samples = shard_samples(buf, str(tar), count)
+    out = tar.with_suffix(".idx")
+    with open(out, "wb") as f:
+        np.save(f, samples, allow_pickle=False)
+    data = out.read_bytes()
+    return {"name": out.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_index(files: list[Path], counts: list[int]) -> ShardIndex:
+    """A split's index from its shards' `.idx` files (in manifest order)."""
+    parts = []
+    for path, count in zip(files, counts, strict=True):
+        try:
+            part = np.load(path, allow_pickle=False)
+            if part.dtype.names != ("offset", "size", "label", "key"):
+                raise ValueError(f"fields {part.dtype.names}")
+        except (ValueError, OSError, EOFError) as err:
+            raise UserError(f"{path}: not a shard index the shard stage wrote ({err})") from None
+        if len(part) != count:
+            raise UserError(f"{path} lists {len(part)} samples, the manifest says {count}")
+        parts.append(part)
+    if not parts:
+        return ShardIndex(*(np.zeros(0, t) for t in (np.int32, np.int64, np.int64, np.int64, str)))
     return ShardIndex(
-        list(paths),
-        np.array(cols["shard"], dtype=np.int32),
-        np.array(cols["offset"], dtype=np.int64),
-        np.array(cols["size"], dtype=np.int64),
-        np.array(cols["label"], dtype=np.int64),
-        np.array(cols["key"], dtype=str),
+        np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]),
+        np.concatenate([p["offset"] for p in parts]),
+        np.concatenate([p["size"] for p in parts]),
+        np.concatenate([p["label"] for p in parts]),
+        np.char.decode(np.concatenate([p["key"] for p in parts]), "utf-8"),
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from pipeline import reports, tracking
 from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
 from pipeline.data.loader import build_loader
-from pipeline.data.manifest import read_manifest
+from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.runtime import Runtime, seed_everything
@@ -30,8 +30,8 @@ class Downstream(Stage):
         super().__init__(p, rt)
         self.pre = pre = self.encoder(p)
         seed_everything(p.runtime.seed)
-        shards = Path(p.data.shards)
-        self.manifest = read_manifest(shards)
+        shards = shard_store(p.data)
+        self.manifest = shards.manifest()
         self.digest, self.parent_id = pre.manifest_digest, pre.run_id
         self.num_classes = len(self.manifest["classes"])
         if not self.manifest["splits"]["val"]["count"]:
@@ -51,7 +51,7 @@ class Downstream(Stage):
 
     def encoder(self, p: Params) -> Pretrained:
         """Where the encoder starts: the pretrain stage's output."""
-        return load_pretrained(Path(p.paths.models) / "pretrain", Path(p.data.shards))
+        return load_pretrained(Path(p.paths.models) / "pretrain", shard_store(p.data))
 
     def fit(self, epoch: int, run) -> dict:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from mae import MAEConfig
 from pipeline import reports, tracking
 from pipeline.artifacts import check_shards, load_classifier
 from pipeline.data.loader import build_loader
+from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params
 from pipeline.train.eval import evaluate
@@ -71,7 +72,7 @@ def with_gain(results: list[dict]) -> list[dict]:
 
 def _evaluate_one(p: Params, run, folder: Path | None = None) -> dict:
     run_id, stage = run.info.run_id, run.data.tags["stage"]
-    shards = Path(p.data.shards)
+    shards = shard_store(p.data)
     if folder is not None:
         model, config = load_classifier(folder)
     else:

@@ -4,8 +4,6 @@ chosen on validation top-1. A child MLflow run of the pretrain run; resumable.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -14,6 +12,7 @@ from mae import build_classifier
 from mae.optim import FINETUNE_BETAS, build_adamw, finetune_param_groups
 from pipeline.artifacts import classifier_config
 from pipeline.data.loader import Augment, build_loader
+from pipeline.data.store import shard_store
 from pipeline.params import Params
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import evaluate
@@ -34,7 +33,7 @@ class Finetuner(Downstream):
         self.net, ddp = wrap(self.model, rt, p.runtime.compile)
         aug = Augment(scale_min=fp.scale_min, randaugment=fp.randaugment, reprob=fp.reprob)
         self.loader = build_loader(
-            Path(p.data.shards),
+            shard_store(p.data),
             "train",
             "finetune",
             batch_size=fp.batch_size,

@@ -5,7 +5,6 @@ features are computed once and cached, so an epoch costs only the head."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -13,6 +12,7 @@ from mae import build_linear_probe
 from mae.optim import build_lars
 from pipeline.artifacts import classifier_config
 from pipeline.data.loader import Augment, build_loader
+from pipeline.data.store import shard_store
 from pipeline.params import Params
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import encode_split
@@ -35,7 +35,7 @@ class LinearProber(Downstream):
         # augment: the pretraining crops, on every epoch; else eval images, encoded once
         purpose, aug = ("pretrain", Augment()) if lp.augment else ("eval", Augment())
         self.loader = build_loader(
-            Path(p.data.shards),
+            shard_store(p.data),
             "train",
             purpose,
             batch_size=lp.batch_size,

@@ -21,7 +21,7 @@ from mae.visualize import reconstruction_grid, to_png
 from pipeline import reports
 from pipeline.artifacts import save_pretrained
 from pipeline.data.loader import build_loader
-from pipeline.data.manifest import manifest_digest, read_manifest
+from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.eval import encode_split
@@ -52,8 +52,8 @@ class Pretrainer(Stage):
     def __init__(self, p: Params, rt: Runtime) -> None:
         super().__init__(p, rt)
         self.pp = pp = p.pretrain
-        shards = Path(p.data.shards)
-        self.manifest, self.digest = read_manifest(shards), manifest_digest(shards)
+        shards = shard_store(p.data)
+        self.manifest, self.digest = shards.manifest(), shards.digest()
         seed_everything(p.runtime.seed)  # the same initial weights on every rank
         self.model = build_model(p, self.manifest).to(rt.device)
         try:  # before the MLflow run starts: no FAILED run for a bad value
@@ -220,7 +220,7 @@ def _fixed_val_images(p: Params, manifest: dict, model, n: int = 8):
     """The same validation images and masks at every epoch, for comparable grids."""
     split = "val" if manifest["splits"]["val"]["count"] else "train"
     size = model.cfg.image_hw[0]
-    loader = build_loader(Path(p.data.shards), split, "eval", batch_size=n, img_size=size)
+    loader = build_loader(shard_store(p.data), split, "eval", batch_size=n, img_size=size)
     imgs = next(iter(loader))["image"]
     masking = torch.Generator().manual_seed(p.runtime.seed)
     noise = torch.rand(imgs.shape[0], model.cfg.num_patches, generator=masking)

@@ -10,10 +10,8 @@ names (tag `scratch.run_id`, metrics `scratch/test_top1` and `mae_gain`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.artifacts import Pretrained
-from pipeline.data.manifest import manifest_digest, read_manifest
+from pipeline.data.store import shard_store
 from pipeline.params import Params
 from pipeline.stages.finetune import Finetuner
 from pipeline.stages.pretrain import build_model
@@ -26,10 +24,10 @@ class ScratchFinetuner(Finetuner):
     section_name = "finetune"
 
     def encoder(self, p: Params) -> Pretrained:
-        shards = Path(p.data.shards)
+        shards = shard_store(p.data)
         seed_everything(p.runtime.seed)  # the pretrain stage's initial weights, exactly
-        model = build_model(p, read_manifest(shards))
-        return Pretrained(model.cfg, model.state_dict(), None, manifest_digest(shards))
+        model = build_model(p, shards.manifest())
+        return Pretrained(model.cfg, model.state_dict(), None, shards.digest())
 
 
 def run_scratch(p: Params) -> str:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.data.manifest import manifest_digest, skipped_count
+from pipeline.data.manifest import skipped_count
 from pipeline.data.shard import run_shard
+from pipeline.data.store import shard_store
 from pipeline.params import Params, flatten
 
 
@@ -15,8 +16,8 @@ def run_shard_stage(p: Params) -> dict:
     """Write the shards and log the run; -> the manifest."""
     tracking.connect(p.tracking)  # an unreachable store fails now, before the work
     manifest = run_shard(p.data)
-    shards = Path(p.data.shards)
-    _log_run(p, manifest, shards / "manifest.json", manifest_digest(shards))
+    shards = shard_store(p.data)
+    _log_run(p, manifest, shards.manifest_file(), shards.digest())
     return manifest
 
 

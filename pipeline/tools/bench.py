@@ -1,5 +1,5 @@
-"""Throughput figures: the MAE training step (img/s, data wait vs compute, peak memory,
-model FLOP utilisation, the asymmetric encoder's speed-up) and the data loader (img/s)."""
+"""Throughput figures of the MAE training step: img/s, data wait vs compute, peak memory,
+model FLOP utilisation, the asymmetric encoder's speed-up (the data: `bench_data`)."""
 
 from __future__ import annotations
 
@@ -115,11 +115,12 @@ def _from_shards(loader, device: torch.device) -> Iterator[torch.Tensor]:
 def shards_loader(params: Path, model: str, img_size: int | None, batch_size: int):
     """The pretrain loader over `params`' shards, as the pretrain stage builds it."""
     from pipeline.data.loader import build_loader
+    from pipeline.data.store import shard_store
     from pipeline.params import load_params
 
     p = load_params(params)
     return build_loader(
-        p.data.shards,
+        shard_store(p.data),
         "train",
         "pretrain",
         batch_size=batch_size,
@@ -255,52 +256,3 @@ def bench_train_step(
         baseline_compute_ms=base * 1e3 if base else None,
         speedup=base / compute if base else None,
     )
-
-
-@dataclass(frozen=True)
-class DataBench:
-    shards: str
-    purpose: str
-    workers: int
-    batch_size: int
-    images: int
-    seconds: float
-    img_per_s: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def line(self) -> str:
-        return (
-            f"loader {self.purpose} on {self.shards}, {self.workers} workers, batch "
-            f"{self.batch_size}: {self.img_per_s:,.0f} img/s "
-            f"({self.images:,} images in {self.seconds:.1f} s)"
-        )
-
-
-def bench_loader(
-    shards: str,
-    img_size: int,
-    workers: int,
-    batch_size: int = 256,
-    purpose: str = "pretrain",
-    max_images: int = 20_000,
-) -> DataBench:
-    """img/s of the train-split loader with its full augmentation (the device-side crop and
-    flip too, here on the CPU), worker start-up included (as every epoch pays it)."""
-    from pipeline.data.loader import build_loader
-
-    loader = build_loader(
-        shards, "train", purpose, batch_size=batch_size, img_size=img_size, num_workers=workers
-    )
-    if len(loader) == 0:
-        count = loader.manifest["splits"]["train"]["count"]
-        raise ValueError(f"--batch-size {batch_size} is larger than the train split ({count})")
-    start, n = time.perf_counter(), 0
-    for batch in loader:
-        loader.images(batch, torch.device("cpu"))  # the device's crop and flip, here
-        n += len(batch["label"])
-        if n >= max_images:
-            break
-    seconds = time.perf_counter() - start
-    return DataBench(shards, purpose, workers, batch_size, n, seconds, n / seconds)

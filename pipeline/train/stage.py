@@ -22,6 +22,7 @@ import torch
 from mae.optim import absolute_lr
 from pipeline import reports, tracking
 from pipeline.artifacts import staged
+from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.checkpoint import Checkpoints, params_key, rng_state
@@ -149,7 +150,7 @@ def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
     ) as run:
         if d.main and not run.resumed:
             run.log_params(s.run_params())
-            manifest = Path(p.data.shards) / "manifest.json"
+            manifest = shard_store(p.data).manifest_file()
             run.log_dataset(manifest, s.digest, f"{p.data.source}/train", "training")
         s.begin()
         for epoch in range(start, s.section.epochs):

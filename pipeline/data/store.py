@@ -1,0 +1,289 @@
+"""Where a shard set lives: a local folder, or a URL whose files are fetched whole into a
+local cache before they are read.
+
+`data.shards` is a folder or a URL: `http(s)://`, `s3://`, `gs://` and whatever else
+fsspec opens (`s3fs`, `gcsfs` are the `s3`, `gcs` extras), or `pipe:CMD` with `{name}`
+where each file's name goes (`pipe:aws s3 cp s3://bucket/fmnist/{name} -`), as WebDataset
+users write. A remote file is stored in `data.cache` under its manifest sha256 (two URLs
+of one shard share it), hashed while it streams in and renamed into place only when size
+and sha256 match: a reader never sees a partial or wrong file, and a cut connection is
+retried, never read short. The ranks and workers of a machine share the cache: a lock per
+file lets one fetch while the others wait. The least recently used files go when the
+cache passes `data.cache_max_gb`; a reader keeps what it has open, so that never cuts a
+read short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data.manifest import parse_manifest
+from pipeline.data.tarindex import ShardIndex, read_index
+from pipeline.errors import UserError, first_line
+from pipeline.params import DataParams, project_root
+
+log = logging.getLogger(__name__)
+TRIES = int(os.environ.get("MAE_FETCH_TRIES", "3"))  # per file, 1 s then 2 s apart
+STALE_PART_S = 600  # a partial download untouched this long was left by a killed process
+_MANIFESTS: dict[str, bytes] = {}  # remote manifest.json per location, once per process
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # local (path, size, mtime_ns) -> its sha256
+
+
+def is_url(location: str) -> bool:
+    return location.startswith("pipe:") or "://" in location
+
+
+@dataclass(frozen=True)
+class ShardStore:
+    location: str  # a folder, a URL or a pipe: command
+    cache: Path = Path(".cache/shards")
+    cache_bytes: float = 50e9
+
+    @property
+    def remote(self) -> bool:
+        return is_url(self.location)
+
+    def url(self, name: str) -> str:
+        if self.location.startswith("pipe:"):
+            return self.location.replace("{name}", name)
+        return f"{self.location.rstrip('/')}/{name}"
+
+    # -------------------------------------------------------------- the manifest
+    def manifest_bytes(self) -> bytes:
+        if not self.remote:
+            path = Path(self.location) / "manifest.json"
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise UserError(
+                    f"no shards at {self.location}: {path} is missing "
+                    "(run `mae-cli shard` or `dvc repro shard`)"
+                ) from None
+        if self.location not in _MANIFESTS:
+            _MANIFESTS[self.location] = _with_retries(self.url("manifest.json"), _read_all)
+        return _MANIFESTS[self.location]
+
+    def manifest(self) -> dict:
+        return parse_manifest(self.manifest_bytes(), self.url("manifest.json"))
+
+    def digest(self) -> str:
+        """sha256 of manifest.json: names the exact data a run saw."""
+        return hashlib.sha256(self.manifest_bytes()).hexdigest()
+
+    def manifest_file(self) -> Path:
+        """manifest.json as a local file (for MLflow): a copy in the cache when remote."""
+        if not self.remote:
+            return Path(self.location) / "manifest.json"
+        path = self.cache / "manifests" / f"{self.digest()}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.part")
+            tmp.write_bytes(self.manifest_bytes())
+            tmp.replace(path)
+        return path
+
+    # -------------------------------------------------------------- files
+    def path(self, entry: dict) -> Path:
+        """The local file of a manifest entry (a shard or its index): fetched into the cache
+        and checked first when the store is remote; present and of its size when local."""
+        if self.remote:
+            return self._fetch(entry)
+        path = Path(self.location) / entry["name"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise UserError(f"shard listed in the manifest is missing: {path}") from None
+        if "bytes" in entry and size != entry["bytes"]:
+            raise UserError(
+                f"{path}: {size:,} bytes, the manifest says {entry['bytes']:,}: not the "
+                "file the shard stage wrote (run `dvc repro shard` or `dvc checkout`)"
+            )
+        return path
+
+    def verify(self, entries: list[dict]) -> None:
+        """Local files against their sha256 (once per file and modification time in this
+        process); remote ones are checked as they are fetched. A swapped, altered or cut
+        shard fails here, named, before any sample of it is read."""
+        if self.remote:
+            return
+        for entry in entries:
+            path = self.path(entry)
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if "sha256" not in entry or _VERIFIED.get(key) == entry["sha256"]:
+                continue
+            with path.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != entry["sha256"]:
+                raise UserError(
+                    f"{path}: its sha256 ({digest[:12]}...) is not the manifest's "
+                    f"({entry['sha256'][:12]}...): not the shard the shard stage wrote "
+                    "(run `dvc repro shard` or `dvc checkout`)"
+                )
+            _VERIFIED[key] = digest
+
+    def index(self, entries: list[dict]) -> ShardIndex:
+        """A split's index from its shards' .idx files (fetched 8 at a time when remote)."""
+        missing = [e["name"] for e in entries if "index" not in e]
+        if missing:
+            raise UserError(
+                f"{self.url(missing[0])}: no index in the manifest (run the shard stage again)"
+            )
+        indexes = [e["index"] for e in entries]
+        self.verify(indexes)
+        with ThreadPoolExecutor(8 if self.remote else 1) as pool:
+            files = list(pool.map(self.path, indexes))
+        return read_index(files, [e["count"] for e in entries])
+
+    # -------------------------------------------------------------- the cache
+    def _fetch(self, entry: dict) -> Path:
+        dest = self.cache / f"{entry['sha256']}{Path(entry['name']).suffix}"
+        if _touch(dest):
+            return dest
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with _locked(self.cache / f".{dest.name}.lock"):
+            if _touch(dest):  # fetched by another rank or worker while this one waited
+                return dest
+            url = self.url(entry["name"])
+            _with_retries(url, lambda u: _download(u, dest, entry))
+        self._evict(keep=dest)
+        return dest
+
+    def _evict(self, keep: Path) -> None:
+        """Least recently used files first, until the cache fits its bound again."""
+        files, now = [], time.time()
+        for path in self.cache.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                if path.name.endswith(".part") and now - st.st_mtime > STALE_PART_S:
+                    path.unlink(missing_ok=True)
+                elif path.suffix in (".tar", ".idx") and path != keep:
+                    files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files) + keep.stat().st_size
+        for _, size, path in sorted(files):
+            if total <= self.cache_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            log.debug("shard cache: removed %s", path.name)
+
+
+def shard_store(data: DataParams) -> ShardStore:
+    """The store of `data.shards`, its cache where params.yaml says."""
+    cache = Path(data.cache)
+    cache = cache if cache.is_absolute() else project_root() / cache
+    return ShardStore(data.shards, cache, data.cache_max_gb * 1e9)
+
+
+def as_store(shards: ShardStore | Path | str) -> ShardStore:
+    return shards if isinstance(shards, ShardStore) else ShardStore(str(shards))
+
+
+def _touch(path: Path) -> bool:
+    """Mark `path` as used now (the cache removes the least recently used); False if absent."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Retry(Exception):
+    """A fetch that failed in a way another try may not (a cut connection, a timeout)."""
+
+
+def _with_retries(url: str, fetch):
+    for attempt in range(TRIES):
+        try:
+            return fetch(url)
+        except _Retry as err:
+            last = err
+            if attempt + 1 < TRIES:
+                log.warning("fetching %s failed (%s); trying again", url, err)
+                time.sleep(2**attempt)
+    raise UserError(f"cannot fetch {url} ({TRIES} tries): {last}")
+
+
+@contextlib.contextmanager
+def _open(url: str) -> Iterator:
+    """A stream of `url`'s bytes; any failure to open or read it raises _Retry."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            if proc.wait() != 0:
+                raise _Retry(f"`{url[5:]}` exited {proc.returncode}: {err.splitlines()[-1:]}")
+        return
+    import fsspec
+
+    kw = {}
+    if url.startswith(("http://", "https://")):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+        kw = {"block_size": 0, "client_kwargs": {"timeout": timeout}}  # stream, no ranges
+    try:
+        with fsspec.open(url, "rb", **kw) as f:
+            yield f
+    except Exception as err:  # aiohttp and cloud SDK errors share no base class
+        raise _Retry(_reason(err, url)) from None
+
+
+def _reason(err: BaseException, url: str) -> str:
+    """Why a fetch failed, in one line: fsspec wraps a refused connection or an HTTP 404 in
+    a FileNotFoundError that only names the URL; its cause says what happened."""
+    while str(err) in ("", url) and (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+def _read_all(url: str) -> bytes:
+    with _open(url) as f:
+        return f.read()
+
+
+def _download(url: str, dest: Path, entry: dict) -> None:
+    """`url` -> `dest`, hashed as it streams in; renamed into place only when its size and
+    sha256 are the manifest's."""
+    part = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+    sha, size = hashlib.sha256(), 0
+    try:
+        with _open(url) as src, open(part, "wb") as out:
+            while chunk := src.read(1 << 20):
+                sha.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        if size != entry["bytes"]:
+            raise _Retry(f"got {size:,} bytes, the manifest says {entry['bytes']:,}")
+        if sha.hexdigest() != entry["sha256"]:  # all of another file: a retry cannot help
+            raise UserError(
+                f"{url}: its sha256 ({sha.hexdigest()[:12]}...) is not the manifest's "
+                f"({entry['sha256'][:12]}...): the store holds another file than its manifest lists"
+            )
+        part.replace(dest)
+    finally:
+        part.unlink(missing_ok=True)
