@@ -4,13 +4,36 @@ A library: depends on torch, torchvision, timm, numpy and Pillow only, and reads
 environment variables or argv.
 """
 
-from mae.classifier import build_classifier, build_linear_probe, load_encoder
-from mae.config import PRESETS, MAEConfig, mae_config
-from mae.model import MaskedAutoencoderViT, count_parameters, encoder_state_dict, keep_count
+from importlib import import_module
+
+# Names are imported on first use (PEP 562): `mae.config` alone (what params.yaml's checks
+# need) stays free of torch and timm, ~5 s and ~600 MB per process that never trains.
+_HOME = {
+    "build_classifier": "mae.classifier",
+    "build_linear_probe": "mae.classifier",
+    "load_encoder": "mae.classifier",
+    "PRESETS": "mae.config",
+    "MAEConfig": "mae.config",
+    "mae_config": "mae.config",
+    "MaskedAutoencoderViT": "mae.model",
+    "count_parameters": "mae.model",
+    "encoder_state_dict": "mae.model",
+    "keep_count": "mae.model",
+}
 
 
-def create_mae(name: str, **overrides) -> MaskedAutoencoderViT:
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'mae' has no attribute {name!r}")
+    value = globals()[name] = getattr(import_module(_HOME[name]), name)
+    return value
+
+
+def create_mae(name: str, **overrides):
     """A fresh MAE from a named preset, e.g. `create_mae("mae_vit_base_patch16")`."""
+    from mae.config import mae_config
+    from mae.model import MaskedAutoencoderViT
+
     return MaskedAutoencoderViT(mae_config(name, **overrides))
 
 

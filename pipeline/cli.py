@@ -277,6 +277,9 @@ def bench_data(
     reader: str = typer.Option(
         "mae", help="mae (this loader), webdataset (a plain pipeline, same transform) or both."
     ),
+    device_crop: bool = typer.Option(
+        True, help="Count the batched crop and flip that a GPU runs on the device (here: CPU)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Loader throughput on the train shards (data.shards) for each worker count."""
@@ -297,7 +300,8 @@ def bench_data(
     for n in _counts("--workers", workers):
         for r in readers:
             try:
-                result = bench_loader(shard_store(p.data), size, n, batch_size, purpose, images, r)
+                store = shard_store(p.data)
+                result = bench_loader(store, size, n, batch_size, purpose, images, r, device_crop)
             except ValueError as err:
                 raise typer.BadParameter(str(err)) from None
             typer.echo(json.dumps(result.to_dict()) if as_json else result.line())

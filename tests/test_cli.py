@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mae import mae_config
 from mae.flops import mae_step_flops
 from pipeline.cli import app
-from tests.factory import project_params, shard_set
+from tests.factory import imagefolder, project_params, shard_set
 
 runner = CliRunner()
 
@@ -155,3 +155,29 @@ def test_user_mistakes_are_one_line_and_exit_one(tmp_path):
     assert result.returncode == 1 and "manifest.json: not a manifest" in result.stderr
     result = _cli(["ui", "--port", "99999"], folder)
     assert result.returncode == 2 and "Invalid value for '--port'" in result.stderr
+
+
+def test_bench_shard_measures_the_stage_and_its_memory(tmp_path):
+    root = imagefolder(tmp_path / "raw", {"a": 6, "b": 6})
+    params = project_params({"data": {"source": "imagefolder", "root": str(root)}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    args = ["bench", "shard", "--params", str(tmp_path / "p.yaml"), "--workers", "1,2", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["workers"] for r in rows] == [1, 2] and {r["images"] for r in rows} == {12}
+    assert all(r["img_per_s"] > 0 and r["peak_total_rss_mb"] >= r["peak_rss_mb"] > 0 for r in rows)
+    assert not (tmp_path / "data").exists()  # measured in a temporary folder
+
+
+def test_bench_data_measures_this_loader_beside_plain_webdataset(tmp_path):
+    shards = shard_set(tmp_path / "shards", [20, 20], size=16)
+    params = project_params({"data": {"shards": str(shards)}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    args = ["bench", "data", "--params", str(tmp_path / "p.yaml"), "--workers", "0"]
+    args += ["--reader", "both", "--batch-size", "8", "--images", "40", "--img-size", "12"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["reader"] for r in rows] == ["mae", "webdataset"]
+    assert all(r["images"] == 40 and r["img_size"] == 12 and r["img_per_s"] > 0 for r in rows)

@@ -113,3 +113,15 @@ def test_runtime_nproc_is_auto_or_a_positive_count(value, ok):
     else:
         with pytest.raises(ParamsError, match=r"runtime\.nproc"):
             parse_params(raw)
+
+
+def test_reading_params_imports_neither_torch_nor_timm():
+    """`mae-cli shard`, `ui` and `compare` never train: their params check stays light."""
+    code = (
+        "import sys; from pipeline.params import load_params; load_params('params.yaml'); "
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

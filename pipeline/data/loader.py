@@ -150,7 +150,7 @@ class ShardStream(IterableDataset):
         if shard not in files:
             if ahead is not None:
                 ahead.reached(shard)
-            files[shard] = os.open(self.store.path(self.entries[shard]), os.O_RDONLY)
+            files[shard] = self.store.open(self.entries[shard])
         data = os.pread(files[shard], int(x.size[i]), int(x.offset[i]))
         if self.transform is None and self.mode == "L" and (pixels := pgm(data)) is not None:
             return pixels

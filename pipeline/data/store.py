@@ -111,6 +111,16 @@ class ShardStore:
             )
         return path
 
+    def open(self, entry: dict) -> int:
+        """A read-only descriptor of an entry's local file; once open, the file outlives
+        its removal from the cache."""
+        try:
+            return os.open(self.path(entry), os.O_RDONLY)
+        except FileNotFoundError:  # removed by another process between fetch and open
+            if not self.remote:
+                raise
+            return os.open(self.path(entry), os.O_RDONLY)
+
     def verify(self, entries: list[dict]) -> None:
         """Local files against their sha256 (once per file and modification time in this
         process); remote ones are checked as they are fetched. A swapped, altered or cut

@@ -47,9 +47,11 @@ def bench_loader(
     purpose: str = "pretrain",
     max_images: int = 20_000,
     reader: str = "mae",
+    device_augment: bool = True,
 ) -> DataBench:
     """img/s of a train-split loader with its full augmentation (a device-side crop and flip
-    too, here on the CPU), worker start-up included (as every epoch pays it)."""
+    too, here on the CPU, unless `device_augment` is off: on a GPU it runs there), worker
+    start-up included (as every epoch pays it)."""
     from pipeline.data.loader import build_loader
 
     store = as_store(shards)
@@ -63,13 +65,16 @@ def bench_loader(
         if len(loader) == 0:
             count = loader.manifest["splits"]["train"]["count"]
             raise ValueError(f"--batch-size {batch_size} is larger than the train split ({count})")
-        images = lambda batch: loader.images(batch, torch.device("cpu"))  # noqa: E731
+        cpu = torch.device("cpu")
+        images = lambda b: loader.images(b, cpu) if device_augment else b["image"]  # noqa: E731
     start, n = time.perf_counter(), 0
     for batch in loader:
         n += len(images(batch))
         if n >= max_images:
             break
     seconds = time.perf_counter() - start
+    if reader == "mae" and not device_augment:
+        reader = "mae (device crop left out)"
     return DataBench(
         store.location, reader, purpose, workers, batch_size, img_size, n, seconds, n / seconds
     )
