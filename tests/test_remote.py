@@ -34,12 +34,25 @@ class Server:
         cmd = [sys.executable, "-m", "tests.fileserver", str(folder), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
-        self.gets: Counter = Counter()
+        self._gets: Counter = Counter()
+        self._lock = threading.Lock()
         threading.Thread(target=self._count, daemon=True).start()
 
     def _count(self) -> None:
         for line in self.proc.stdout:
-            self.gets[line.split()[1]] += 1
+            with self._lock:
+                self._gets[line.split()[1]] += 1
+
+    def gets(self, until=lambda gets: True, timeout: float = 5.0) -> Counter:
+        """The GETs so far, once `until(gets)` holds (the server's lines arrive a moment
+        after the responses) or `timeout` has passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                gets = Counter(self._gets)
+            if until(gets) or time.monotonic() > deadline:
+                return gets
+            time.sleep(0.02)
 
     def stop(self) -> None:
         self.proc.kill()
@@ -75,6 +88,10 @@ def _epoch(store, split, purpose, workers=0, epoch=1):
     return keys, torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
 
 
+def _tars(gets: Counter) -> dict:
+    return {name: n for name, n in gets.items() if name.endswith(".tar")}
+
+
 def _same(a, b) -> bool:
     return a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
 
@@ -86,12 +103,10 @@ def test_http_shards_load_exactly_what_local_files_load_and_are_fetched_once(sha
         remote = ShardStore(server.url, cache)
         for split, purpose, workers in (("train", "pretrain", 2), ("test", "eval", 0)):
             assert _same(_epoch(remote, split, purpose, workers), _epoch(shards, split, purpose))
-        time.sleep(0.2)  # the server's last lines reach the counter
-        tars = {n: c for n, c in server.gets.items() if n.endswith(".tar")}
-        assert len(tars) == 11 and set(tars.values()) == {1}, server.gets  # fetched once
+        gets = server.gets(lambda g: len(_tars(g)) >= 11)
+        assert len(_tars(gets)) == 11 and set(_tars(gets).values()) == {1}, gets  # fetched once
         _epoch(remote, "train", "pretrain", 2, epoch=2)
-        time.sleep(0.2)
-        assert sum(n.endswith(".tar") for n in server.gets.elements()) == 11  # from the cache
+        assert server.gets(timeout=0.5) == gets  # the second epoch reads the cache
     stored = sorted(p.name for p in cache.iterdir() if p.suffix in (".tar", ".idx"))
     assert len(stored) == 11 + 11 and all(len(Path(n).stem) == 64 for n in stored)  # sha256
     assert not list(cache.glob("*.part"))
@@ -104,9 +119,8 @@ def test_training_starts_before_every_shard_is_local(shards, tmp_path):
         )
         batches = iter(loader)
         next(batches)
-        time.sleep(0.2)
-        fetched = sum(n.endswith(".tar") for n in server.gets)
-        assert 1 <= fetched <= 4 < 9  # the shard read + at most 3 ahead
+        fetched = len(_tars(server.gets(lambda g: len(_tars(g)) >= 3)))
+        assert fetched == 3 < 9  # the shard read and 2 ahead, no more
         assert len(list(batches)) == len(loader) - 1
 
 
@@ -141,8 +155,7 @@ def test_a_connection_cut_mid_shard_is_retried_and_the_epoch_is_whole(shards, tm
     with serve(shards, "--cut-once", "train-000003.tar", "train-000003.idx") as server:
         remote = ShardStore(server.url, tmp_path / "cache")
         assert _same(_epoch(remote, "train", "pretrain"), _epoch(shards, "train", "pretrain"))
-        time.sleep(0.2)
-        assert server.gets["train-000003.tar"] == 2
+        assert server.gets(lambda g: g["train-000003.tar"] == 2)["train-000003.tar"] == 2
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -193,12 +206,13 @@ def test_a_store_holding_other_bytes_than_its_manifest_is_named(shards, tmp_path
 def test_the_cache_stays_within_its_bound(shards, tmp_path):
     size = (shards / "train-000000.tar").stat().st_size
     with serve(shards) as server:
-        remote = ShardStore(server.url, tmp_path / "cache", cache_bytes=2.5 * size)
+        remote = ShardStore(server.url, tmp_path / "cache", cache_bytes=3.5 * size)
         assert _same(_epoch(remote, "train", "pretrain"), _epoch(shards, "train", "pretrain"))
-    kept = sum(
-        p.stat().st_size for p in (tmp_path / "cache").iterdir() if p.suffix in (".tar", ".idx")
-    )
-    assert kept <= 2.5 * size
+        assert set(_tars(server.gets(lambda g: len(_tars(g)) >= 9)).values()) == {1}  # no refetch
+    cached = [p for p in (tmp_path / "cache").iterdir() if p.suffix in (".tar", ".idx")]
+    assert sum(p.stat().st_size for p in cached) <= 3.5 * size
+    with pytest.raises(UserError, match=r"a pipe: command needs \{name\}"):
+        ShardStore("pipe:cat shards.tar")
 
 
 def test_the_shard_stage_does_not_write_to_a_url(tmp_path):

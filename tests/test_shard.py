@@ -327,3 +327,19 @@ def test_smaller_mistakes_are_named(tmp_path):
     assert result.exit_code == 2 and "--purpose must be pretrain, finetune or eval" in result.output
     long = RuntimeError("connection refused " * 30)
     assert first_line(long).endswith("refused ...") and len(first_line(long)) <= 204
+
+
+def test_shard_tars_are_byte_for_byte_what_webdataset_tarwriter_writes(tmp_path):
+    from webdataset import TarWriter
+
+    from pipeline.data.shard_worker import _Tar
+
+    samples = [(f"{i:08d}", {"png": bytes(range(i, i + 200)), "cls": b"%d" % i}) for i in range(5)]
+    ours = _Tar(tmp_path / "ours.tar")
+    with TarWriter(str(tmp_path / "wds.tar"), encoder=False, mtime=0, user="mae", group="mae",
+                   mode=0o444) as theirs:  # fmt: skip
+        for key, members in samples:
+            ours.write(key, members)
+            theirs.write({"__key__": key, **members})
+    ours.close()
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "wds.tar").read_bytes()

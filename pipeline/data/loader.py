@@ -132,12 +132,19 @@ class ShardStream(IterableDataset):
             torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker)) % 2**62)
         files: dict[int, int] = {}
         mine = self.batches()[worker::workers]
+        last = {int(s): k for k, ids in enumerate(mine) for s in np.unique(self.index.shard[ids])}
         ahead = Prefetch(self.store, self.entries, self.index, mine) if self.store.remote else None
         try:
-            for ids in mine:
+            for k, ids in enumerate(mine):
                 yield self._collate(ids, files, ahead)
-        except UserError as err:  # as data: a worker's exception would reach the user wrapped
-            yield {"error": str(err)}
+                for shard in [s for s in files if last[s] == k]:  # read for the last time:
+                    os.close(files.pop(shard))  # a cached shard's space is free once removed
+        except (UserError, OSError) as err:  # as data: from a worker it would arrive wrapped
+            if ahead is not None:
+                ahead.stop()  # now: the consumer raises and may never resume this generator
+            yield {
+                "error": str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            }
         finally:
             if ahead is not None:
                 ahead.stop()
@@ -185,7 +192,7 @@ class Prefetch:
         _, first = np.unique(shards, return_index=True)
         self.order = shards[np.sort(first)].tolist()
         self.store, self.entries = store, entries
-        self.room = threading.Semaphore(ahead + 1)
+        self.room = threading.Semaphore(ahead)  # released as the worker reaches each shard
         self.done = False
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -194,7 +201,7 @@ class Prefetch:
             self.room.acquire()
             if self.done:
                 return
-            with contextlib.suppress(UserError):
+            with contextlib.suppress(Exception):  # the worker's own fetch raises it, named
                 self.store.path(self.entries[shard])
 
     def reached(self, shard: int) -> None:

@@ -20,7 +20,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
+import shlex
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -50,13 +53,20 @@ class ShardStore:
     cache: Path = Path(".cache/shards")
     cache_bytes: float = 50e9
 
+    def __post_init__(self) -> None:
+        if self.location.startswith("pipe:") and "{name}" not in self.location:
+            raise UserError(
+                f"data.shards: a pipe: command needs {{name}} where each file's name goes, "
+                f"e.g. 'pipe:aws s3 cp s3://bucket/shards/{{name}} -' (got {self.location!r})"
+            )
+
     @property
     def remote(self) -> bool:
         return is_url(self.location)
 
     def url(self, name: str) -> str:
         if self.location.startswith("pipe:"):
-            return self.location.replace("{name}", name)
+            return self.location.replace("{name}", shlex.quote(name))
         return f"{self.location.rstrip('/')}/{name}"
 
     # -------------------------------------------------------------- the manifest
@@ -158,6 +168,8 @@ class ShardStore:
 
     # -------------------------------------------------------------- the cache
     def _fetch(self, entry: dict) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
+            raise UserError(f"{self.url('manifest.json')}: {entry['name']} has no valid sha256")
         dest = self.cache / f"{entry['sha256']}{Path(entry['name']).suffix}"
         if _touch(dest):
             return dest
@@ -172,15 +184,18 @@ class ShardStore:
 
     def _evict(self, keep: Path) -> None:
         """Least recently used files first, until the cache fits its bound again."""
-        files, now = [], time.time()
+        files, total, now = [], 0, time.time()
         for path in self.cache.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
                 if path.name.endswith(".part") and now - st.st_mtime > STALE_PART_S:
                     path.unlink(missing_ok=True)
-                elif path.suffix in (".tar", ".idx") and path != keep:
+                    continue
+                if path.name.endswith(".part") or path == keep:  # being fetched, or just was
+                    total += st.st_size
+                elif path.suffix in (".tar", ".idx"):
                     files.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in files) + keep.stat().st_size
+                    total += st.st_size
         for _, size, path in sorted(files):
             if total <= self.cache_bytes:
                 break
@@ -239,14 +254,21 @@ def _with_retries(url: str, fetch):
 def _open(url: str) -> Iterator:
     """A stream of `url`'s bytes; any failure to open or read it raises _Retry."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            yield proc.stdout
-        finally:
-            proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace").strip()
-            if proc.wait() != 0:
-                raise _Retry(f"`{url[5:]}` exited {proc.returncode}: {err.splitlines()[-1:]}")
+        with tempfile.TemporaryFile() as stderr:  # a file: a chatty command never blocks on it
+            proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=stderr)
+            whole = False
+            try:
+                yield proc.stdout
+                whole = True
+            finally:
+                if not whole:  # the reader stopped early: the command must not outlive it
+                    proc.kill()
+                proc.stdout.close()
+                code = proc.wait()
+            if code != 0:
+                stderr.seek(0)
+                said = stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+                raise _Retry(f"`{url[5:]}` exited {code}: {said[0] if said else 'no message'}")
         return
     import fsspec
 
