@@ -1,0 +1,97 @@
+"""`mae-cli ui`: the real MLflow UI on 127.0.0.1 for a store with a run, the address of the
+experiment's training runs it prints, and (where Debian's `chromium` is installed) what a
+browser shows there."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.params import parse_params
+from pipeline.tracking import connect
+from tests.factory import project_params
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui(tmp_path):
+    """`mae-cli ui` on a store holding an experiment with one run; -> (the printed runs
+    address, the experiment id, the params); stopped afterwards."""
+    params = project_params({"tracking": {"experiment": "ui", "uri": f"sqlite:///{tmp_path}/m.db"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    mlflow.set_tracking_uri(params["tracking"]["uri"])
+    experiment_id = mlflow.create_experiment("ui", (tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id, run_name="pretrain mask=0.75"):
+        mlflow.log_metric("finetune/test_top1", 0.84)
+    port = _free_port()
+    cli = Path(sys.executable).with_name("mae-cli")
+    proc = subprocess.Popen(
+        [str(cli), "ui", "--params", "params.yaml", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # the UI's server processes are stopped with it
+    )
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+        address = re.search(r"training runs: (\S+)", lines[1])[1]
+        charts = re.search(r"in charts: (\S+)", lines[2])[1]
+        assert (
+            charts
+            == f"{address}?compareRunsMode=CHART&searchFilter=tags.stage%20%3D%20%27pretrain%27"
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield address, experiment_id, params
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_ui_prints_the_address_of_the_experiments_training_runs(ui):
+    address, experiment_id, params = ui
+    port = address.split(":")[2].split("/")[0]
+    assert address == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+    assert connect(parse_params(params).tracking) == experiment_id  # the existing one
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+        assert page.status == 200 and b"<html" in page.read().lower()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_a_browser_at_the_printed_address_sees_the_runs_table(ui, tmp_path):
+    address, _, _ = ui
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    cmd += ["--virtual-time-budget=20000", f"--user-data-dir={tmp_path / 'chromium'}"]
+    shot = tmp_path / "runs.png"
+    subprocess.run([*cmd, f"--screenshot={shot}", "--window-size=1400,900", address],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    dom = subprocess.run([*cmd, "--dump-dom", address], capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    assert shot.stat().st_size > 10_000
+    assert "Training runs" in dom  # the runs view, not the GenAI overview
+    assert "pretrain mask=0.75" in dom  # the run's row in its table
