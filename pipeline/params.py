@@ -155,6 +155,7 @@ class RuntimeParams(Section):
 class TrackingParams(Section):
     experiment: str
     uri: str | None
+    system_metrics: bool
 
     @field_validator("experiment")
     @classmethod

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,6 +82,36 @@ def connect(p: TrackingParams) -> str:
                     f"cannot write to the MLflow store at {uri}: {first_line(err)}"
                 ) from None
     return experiment.experiment_id
+
+
+class SystemMetrics:
+    """The machine's load under MLflow's own names for it (`system/...`, which its UI shows
+    as system metrics), sampled at the training loop's log points and sent with the loss
+    through the run's buffered logging, so that training never waits for the store and a
+    sample is not lost while it is down (MLflow's monitor thread would block the end of
+    the run on a lost server). CPU and memory from psutil; per GPU the memory torch holds
+    and, where nvidia-ml-py is installed, the utilisation."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil = psutil
+        psutil.cpu_percent(None)  # the first call starts the interval the next one measures
+
+    def sample(self) -> dict[str, float]:
+        import torch
+
+        memory = self.psutil.virtual_memory()
+        out = {
+            "system/cpu_utilization_percentage": self.psutil.cpu_percent(None),
+            "system/system_memory_usage_megabytes": memory.used / 2**20,
+            "system/system_memory_usage_percentage": memory.percent,
+        }
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            out[f"system/gpu_{i}_memory_usage_megabytes"] = torch.cuda.memory_reserved(i) / 2**20
+            with contextlib.suppress(Exception):  # no NVML: no utilisation
+                out[f"system/gpu_{i}_utilization_percentage"] = float(torch.cuda.utilization(i))
+        return out
 
 
 def runs_address(base: str, experiment_id: str, stage: str | None = None, charts=False) -> str:

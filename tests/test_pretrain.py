@@ -100,6 +100,9 @@ def test_run_logs_params_metrics_artifacts_tags_and_dataset(project):
     } <= artifacts
     metrics = json.loads((project / "metrics/pretrain.json").read_text())
     assert set(metrics) == {"loss", "img_per_s", "minutes", "knn_top1", "knn_minutes"}
+    for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        history = client.get_metric_history(run_id, name)  # with each train/loss point
+        assert [m.step for m in history] == steps and all(m.value >= 0 for m in history)
     knn = client.get_metric_history(run_id, "pretrain/knn_top1")
     assert [m.step for m in knn] == [2, 3]  # every probe_every epochs, and at the end
     assert metrics["knn_top1"] == pytest.approx(knn[-1].value, abs=1e-6)
@@ -126,11 +129,20 @@ def test_same_seed_gives_the_same_losses_and_weights(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_the_knn_probe_can_be_turned_off_and_needs_a_val_split(tmp_path, monkeypatch):
-    params = make_project(tmp_path / "off", pretrain={"epochs": 1, "probe_every": 0})
+def test_the_knn_probe_and_system_metrics_can_be_turned_off_and_knn_needs_a_val_split(
+    tmp_path, monkeypatch
+):
+    params = make_project(
+        tmp_path / "off",
+        pretrain={"epochs": 1, "probe_every": 0},
+        tracking={"system_metrics": False},
+    )
     monkeypatch.chdir(params.parent)
-    run_pretrain(load_params("params.yaml"))
+    run_id = run_pretrain(load_params("params.yaml"))
     assert "knn_top1" not in json.loads(Path("metrics/pretrain.json").read_text())
+    (run,) = [r for r in _runs(params.parent) if r.info.run_id == run_id]
+    assert "train/loss" in run.data.metrics
+    assert not [m for m in run.data.metrics if m.startswith("system/")]
     assert Path("plots/pretrain/knn.csv").read_text().strip() == "epoch,knn_top1"
     params = make_project(tmp_path / "noval", data={"val_fraction": 0.0})
     monkeypatch.chdir(params.parent)

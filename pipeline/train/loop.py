@@ -61,6 +61,7 @@ class EpochLoop:
     hint: str = ""  # appended to the divergence message: what to change
     dist: Dist = field(default_factory=Dist)
     ddp: Any = None  # the DistributedDataParallel module, for `no_sync` while accumulating
+    system: Any = dict  # () -> system metrics logged with each train/loss point ({}: none)
 
     def run(self, epoch: int, batches, forward, run, history: list[dict]) -> dict:
         micro_steps = self.steps_per_epoch * self.accum_iter
@@ -93,7 +94,8 @@ class EpochLoop:
                     history.append(
                         {"step": step, "epoch": epoch + it / micro_steps, "loss": value, "lr": lr}
                     )
-                    run.log_metrics({"train/loss": value, "train/lr": lr}, step=step)
+                    logged = {"train/loss": value, "train/lr": lr, **self.system()}
+                    run.log_metrics(logged, step=step)
         mean = self._mean(torch.stack(losses).mean()) if losses else 0.0
         self._check(mean, epoch, losses)
         seconds = time.perf_counter() - start

@@ -85,6 +85,9 @@ class Stage:
             hint=self.hint,
             dist=self.rt.dist,
             ddp=ddp,
+            system=tracking.SystemMetrics().sample
+            if self.p.tracking.system_metrics and self.rt.dist.main
+            else dict,
         )
 
     # ---------------------------------------------------------------- the hooks
