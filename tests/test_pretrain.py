@@ -1,5 +1,6 @@
 """The pretrain stage with the real MLflow (a temporary SQLite store) on synthetic shards."""
 
+import io
 import json
 import os
 import signal
@@ -406,3 +407,22 @@ def test_artifacts_kept_in_two_outages_are_all_sent(tmp_path, monkeypatch):
     run.close()
     expected = [f"{o} {i}" for o in ("first", "second") for i in ("0", "1", "back")]
     assert sent == expected
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_progress_bar_per_epoch_and_a_log_does_not(tmp_path, monkeypatch):
+    params = make_project(tmp_path, pretrain={"epochs": 1, "probe_every": 1})
+    monkeypatch.chdir(params.parent)
+    for stderr in (_Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        run_pretrain(load_params("params.yaml"))
+        text = stderr.getvalue()
+        if stderr.isatty():  # the epoch's steps with loss and img/s, then the k-NN features
+            assert "epoch 1" in text and "loss=" in text and "img_s=" in text
+            assert "features" in text
+        else:
+            assert "epoch 1:" not in text and "it/s" not in text and "batch/s" not in text

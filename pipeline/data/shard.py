@@ -12,7 +12,6 @@ import json
 import logging
 import multiprocessing
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from pipeline.data.sources import (
 from pipeline.data.store import is_url
 from pipeline.errors import UserError
 from pipeline.params import DataParams
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -135,7 +135,7 @@ def _write(p: DataParams, staging: Path) -> dict:
     written = dict.fromkeys(listing.splits, 0)
     skipped = list(listing.bad)  # Skipped.split is always the source split
     stats, color, sizes = np.zeros(9), False, set()
-    progress = _progress(sum(len(c.items) for c in chunks))
+    bar = progress(total=sum(len(c.items) for c in chunks), desc="shard", unit="img")
     for r in _chunk_results(chunks, p.workers, ctx):
         if r.error is not None:
             raise UserError(r.error)
@@ -155,8 +155,8 @@ def _write(p: DataParams, staging: Path) -> dict:
         color |= r.color and r.split == "train"
         if len(sizes) < 2:
             sizes |= r.sizes
-        progress.update(sum(part["count"] for part in r.parts) + len(r.skipped))
-    progress.close()
+        bar.update(sum(part["count"] for part in r.parts) + len(r.skipped))
+    bar.close()
     channels = _channels(p, bool(listing.idx_images), color)
     manifest = _manifest(p, listing, per_class, shards, skipped, written, stats, channels)
     manifest["image_size"] = list(sizes.pop()) if len(sizes) == 1 else None  # None: mixed
@@ -167,12 +167,6 @@ def _write(p: DataParams, staging: Path) -> dict:
             sum(x.count for x in skipped),
         )
     return manifest
-
-
-def _progress(total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="shard", disable=not sys.stderr.isatty())
 
 
 def _channels(p: DataParams, is_idx: bool, any_color: bool) -> int:

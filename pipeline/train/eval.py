@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import UserError
+from pipeline.progress import progress
 from pipeline.train.distributed import Dist
 
 
@@ -14,7 +15,7 @@ def encode_split(loader, encode, device: torch.device, dist: Dist = Dist()):
     """A split's features and labels: each rank encodes its share (`encode`: a batch of
     images on `device` -> (n, D)), and every rank gets them all. -> (features, labels)."""
     feats, labels = [], []
-    for batch in loader:
+    for batch in progress(loader, desc="features", enabled=dist.main):
         feats.append(encode(batch["image"].to(device, non_blocking=True)).float().cpu())
         labels.append(batch["label"])
     shares = dist.gather((torch.cat(feats), torch.cat(labels)))
@@ -36,7 +37,7 @@ def evaluate(
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = 0
-    for batch in loader:
+    for batch in progress(loader, desc="evaluate", enabled=dist.main):
         imgs, labels = batch["image"].to(device, non_blocking=True), batch["label"]
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(imgs).float().cpu()

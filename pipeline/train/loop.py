@@ -14,6 +14,7 @@ import torch
 
 from mae.optim import lr_at, set_lr
 from pipeline.errors import UserError
+from pipeline.progress import progress
 from pipeline.train.distributed import Dist
 
 
@@ -69,6 +70,7 @@ class EpochLoop:
         optimizer.zero_grad(set_to_none=True)
         losses, images, start = [], 0, time.perf_counter()  # losses stay on the device
         step, lr = epoch * self.steps_per_epoch, self.lr_fn(epoch)
+        bar = progress(total=micro_steps, desc=f"epoch {epoch + 1}", enabled=self.dist.main)
         for it, batch in enumerate(batches):
             if it >= micro_steps:
                 break  # a partial accumulation at the end of an epoch is not applied
@@ -81,6 +83,7 @@ class EpochLoop:
                 (loss / self.accum_iter).backward()
             losses.append(loss.detach().float())
             images += len(batch["label"])
+            bar.update()
             if last:
                 if self.clip_grad is not None:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -96,6 +99,9 @@ class EpochLoop:
                     )
                     logged = {"train/loss": value, "train/lr": lr, **self.system()}
                     run.log_metrics(logged, step=step)
+                    rate = images * self.dist.world_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:,.0f}")
+        bar.close()
         mean = self._mean(torch.stack(losses).mean()) if losses else 0.0
         self._check(mean, epoch, losses)
         seconds = time.perf_counter() - start
