@@ -196,3 +196,18 @@ def dvc_repo(tmp_path: Path, params: dict) -> Path:
     ):
         run_cmd(cmd, repo)
     return repo
+
+
+def wait_for_http(url: str, proc, timeout: float = 90) -> None:
+    """Until `url` answers (a server `proc` started); fails if `proc` ends or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, f"no answer at {url}"
+            time.sleep(0.5)

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.train.loop import Diverged
-from tests.factory import idx_dataset, project_params, run_cmd
+from tests.factory import idx_dataset, project_params, run_cmd, wait_for_http
 
 PARAMS = {
     "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
@@ -317,7 +317,6 @@ def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_e
     """A team's `mlflow server` (started here on 127.0.0.1) killed after the first epoch:
     the stage does not stall, finishes its epochs and outputs, then fails in one line."""
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -329,14 +328,7 @@ def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_e
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "no server"
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/health", server)
         project = make_project(tmp_path / "p", pretrain={"epochs": 4, "probe_every": 0}).parent
         raw = yaml.safe_load((project / "params.yaml").read_text())
         raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 
 from pipeline.params import parse_params
 from pipeline.tracking import connect
-from tests.factory import project_params
+from tests.factory import project_params, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -58,15 +57,7 @@ def ui(tmp_path):
             charts
             == f"{address}?compareRunsMode=CHART&searchFilter=tags.stage%20%3D%20%27pretrain%27"
         )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
         yield address, experiment_id, params
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
