@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, os_error_text
 
 app = typer.Typer(
     help="Masked Autoencoder pipeline: shard, pretrain, finetune, linprobe, scratch, evaluate.",
@@ -356,15 +356,9 @@ def main() -> None:
     except (UserError, OSError) as err:  # OSError: a read-only folder, a full disk, ...
         rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
         where = "" if rank == "0" else f" (rank {rank})"
-        message = str(err) if isinstance(err, UserError) else _os_error(err)
+        message = str(err) if isinstance(err, UserError) else os_error_text(err)
         typer.echo(f"mae-cli: error{where}: {message}", err=True)
         sys.exit(1)
-
-
-def _os_error(err: OSError) -> str:
-    """`[Errno 28] No space left on device: 'x'` -> `no space left on device: x`."""
-    what = (err.strerror or str(err)).lower()
-    return f"{what}: {err.filename}" if err.filename else what
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`: what torchrun and the launcher run

@@ -11,6 +11,12 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def os_error_text(err: OSError) -> str:
+    """`[Errno 28] No space left on device: 'x'` -> `no space left on device: x`."""
+    what = (err.strerror or str(err)).lower()
+    return f"{what}: {err.filename}" if err.filename else what
+
+
 class ParamsError(UserError):
     """A params.yaml key is unknown, of the wrong type or out of range."""
 

@@ -40,7 +40,7 @@ from torchvision.transforms import InterpolationMode, v2
 from pipeline.data.plan import SHUFFLE_WINDOW, batches_per_epoch, rank_batches
 from pipeline.data.store import ShardStore, as_store
 from pipeline.data.tarindex import ShardIndex, pgm
-from pipeline.errors import UserError
+from pipeline.errors import UserError, os_error_text
 
 Purpose = Literal["pretrain", "finetune", "eval"]
 
@@ -142,9 +142,7 @@ class ShardStream(IterableDataset):
         except (UserError, OSError) as err:  # as data: from a worker it would arrive wrapped
             if ahead is not None:
                 ahead.stop()  # now: the consumer raises and may never resume this generator
-            yield {
-                "error": str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            }
+            yield {"error": str(err) if isinstance(err, UserError) else os_error_text(err)}
         finally:
             if ahead is not None:
                 ahead.stop()
@@ -156,7 +154,7 @@ class ShardStream(IterableDataset):
         shard = int(x.shard[i])
         if shard not in files:
             if ahead is not None:
-                ahead.reached(shard)
+                ahead.advance()
             files[shard] = self.store.open(self.entries[shard])
         data = os.pread(files[shard], int(x.size[i]), int(x.offset[i]))
         if self.transform is None and self.mode == "L" and (pixels := pgm(data)) is not None:
@@ -204,8 +202,8 @@ class Prefetch:
             with contextlib.suppress(Exception):  # the worker's own fetch raises it, named
                 self.store.path(self.entries[shard])
 
-    def reached(self, shard: int) -> None:
-        """The worker opens `shard`: one more may be fetched ahead."""
+    def advance(self) -> None:
+        """The worker opens its next shard: one more may be fetched ahead."""
         self.room.release()
 
     def stop(self) -> None:

@@ -50,8 +50,8 @@ def is_url(location: str) -> bool:
 @dataclass(frozen=True)
 class ShardStore:
     location: str  # a folder, a URL or a pipe: command
-    cache: Path = Path(".cache/shards")
-    cache_bytes: float = 50e9
+    cache: Path | None = None  # where remote files are kept (data.cache); None: local only
+    cache_bytes: float = float("inf")
 
     def __post_init__(self) -> None:
         if self.location.startswith("pipe:") and "{name}" not in self.location:
@@ -168,6 +168,8 @@ class ShardStore:
 
     # -------------------------------------------------------------- the cache
     def _fetch(self, entry: dict) -> Path:
+        if self.cache is None:
+            raise ValueError(f"a ShardStore for {self.location} needs a cache folder")
         if not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
             raise UserError(f"{self.url('manifest.json')}: {entry['name']} has no valid sha256")
         dest = self.cache / f"{entry['sha256']}{Path(entry['name']).suffix}"
