@@ -4,6 +4,9 @@
 in `ratio` (log-uniform), as torchvision's RandomResizedCrop, flips half of them, and
 resamples every crop to `size` in one call. On a GPU this costs microseconds instead of a
 CPU worker's per-image PIL work.
+
+`eval_transform` is what every image a classifier is evaluated on or asked about goes
+through: the loader's evaluation path and the MLflow model use this one function.
 """
 
 from __future__ import annotations
@@ -74,3 +77,20 @@ class RandomResizedCropFlip(nn.Module):
         theta = theta.to(device=imgs.device, dtype=imgs.dtype)
         grid = F.affine_grid(theta, [n, imgs.shape[1], *self.size], align_corners=False)
         return F.grid_sample(imgs, grid, mode=self.mode, padding_mode="border", align_corners=False)
+
+
+def eval_transform(img_size: int, mean: list[float], std: list[float], crop_pct: float = 1.0):
+    """PIL image (already in the model's mode) -> normalised (C, H, W) float tensor: the
+    shorter side resized to `img_size / crop_pct` (bicubic; an image of that size is left
+    as it is), the centre `img_size` square, then the training data's mean/std."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose(
+        [
+            v2.Resize(round(img_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+            v2.CenterCrop(img_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )

@@ -104,3 +104,12 @@ def build_linear_probe(
     vit.requires_grad_(False)
     vit.head.requires_grad_(True)
     return vit
+
+
+def classifier_from_config(config: dict) -> VisionTransformer:
+    """The classifier a saved `config` describes (its `kind`, `model`, `num_classes` and
+    `global_pool`), ready for its saved weights."""
+    cfg = MAEConfig.from_dict(config["model"])
+    if config["kind"] == "linprobe":
+        return build_linear_probe(cfg, config["num_classes"], global_pool=config["global_pool"])
+    return build_classifier(cfg, config["num_classes"], drop_path_rate=0.0)

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mae import MAEConfig, build_classifier, build_linear_probe
+from mae import MAEConfig, classifier_from_config
 from pipeline.data.store import ShardStore
 from pipeline.errors import UserError, first_line
 
@@ -117,22 +117,19 @@ def save_pretrained(
 def classifier_config(
     kind: str, cfg: MAEConfig, manifest: dict, digest: str, global_pool: str
 ) -> dict:
-    """What `build_from_config` needs to rebuild the classifier, saved as config.json."""
+    """What rebuilds the classifier (`mae.classifier_from_config`) and prepares its input
+    (the channels, mean and std of the shards it learned from), saved as config.json."""
     return {
         "kind": kind,
         "model": cfg.to_dict(),
         "num_classes": len(manifest["classes"]),
         "classes": manifest["classes"],
         "global_pool": global_pool,
+        "channels": manifest["channels"],
+        "mean": manifest["mean"],
+        "std": manifest["std"],
         "manifest_digest": digest,
     }
-
-
-def build_from_config(config: dict) -> torch.nn.Module:
-    cfg = MAEConfig.from_dict(config["model"])
-    if config["kind"] == "linprobe":
-        return build_linear_probe(cfg, config["num_classes"], global_pool=config["global_pool"])
-    return build_classifier(cfg, config["num_classes"], drop_path_rate=0.0)
 
 
 def save_classifier(
@@ -154,6 +151,6 @@ def _save(folder: Path, state: dict, config: dict, metadata: dict | None = None)
 def load_classifier(folder: Path) -> tuple[torch.nn.Module, dict]:
     with _readable(folder):
         config = json.loads((folder / "config.json").read_text())
-        model = build_from_config(config)
+        model = classifier_from_config(config)
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
         return model.eval(), config

@@ -31,6 +31,8 @@ def _root() -> None:
     Each stage reads params.yaml and is run by `dvc repro`; see the README.
     """
     # A callback keeps sub-commands as sub-commands even while there is only one.
+    # MLflow's download bars would fill the logs of every stage and command.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="The params file to read.")
@@ -117,21 +119,64 @@ def evaluate(
         "default: this workspace's finetune, linprobe and scratch models.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    predictions: Path = typer.Option(
+        None,
+        "--predictions",
+        help="A folder: write each test image's class probabilities to <run id>.csv there.",
+    ),
 ) -> None:
     """Test-split top-1/top-5, per-class accuracy and confusion matrix of a tracked model."""
     if run_id is not None and not run_id.strip():
         raise typer.BadParameter("--run-id is empty; leave it out to evaluate this workspace")
     import json
 
+    from pipeline import reports
     from pipeline.params import load_params
     from pipeline.stages.evaluate import evaluate_run, evaluate_stage, format_result
 
     p = load_params(params)
-    results = evaluate_run(p, run_id) if run_id else evaluate_stage(p)
+    per_image = predictions is not None
+    results = (
+        evaluate_run(p, run_id, per_image=per_image) if run_id else evaluate_stage(p, per_image)
+    )
+    for r in results if per_image else []:
+        path = predictions / f"{r['run_id']}.csv"
+        reports.write_predictions(path, r.pop("images"), r["classes"])
+        typer.echo(f"{r['stage']} run {r['run_id']}: per-image probabilities in {path}", err=True)
     if as_json:
         typer.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
     else:
         typer.echo("\n\n".join(format_result(r) for r in results))
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of them."),
+    run_id: str = typer.Option(None, "--run-id", help="A finetune, linprobe or scratch run."),
+    model_uri: str = typer.Option(
+        None, "--model-uri", help="An MLflow model, e.g. models:/<name>@champion."
+    ),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="Classes per image, most likely first."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    params: Path = PARAMS,
+) -> None:
+    """Classify images (any size and mode) with a tracked classifier: one line per image."""
+    if (run_id is None) == (model_uri is None):
+        raise typer.BadParameter("give one of --run-id and --model-uri")
+    import json
+
+    from pipeline.params import load_params
+    from pipeline.predict import format_row, image_files, load_model, predict, read_image
+
+    p = load_params(params)
+    files = image_files(images)
+    data = [read_image(f) for f in files]
+    model = load_model(p, run_id, model_uri)
+    rows = predict(model, files, data, top_k)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo("\n".join(format_row(r) for r in rows))
 
 
 @app.command()

@@ -10,6 +10,7 @@ is merged over params.yaml first: `merge`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -152,17 +153,23 @@ class RuntimeParams(Section):
     nproc: Count | Literal["auto"]
 
 
-class TrackingParams(Section):
-    experiment: str
-    uri: str | None
-    system_metrics: bool
+# `register` is also the name of ABCMeta.register, a method of the class (not of its
+# instances, which read the field): pydantic's warning about it is silenced here alone.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", 'Field name "register"', UserWarning)
 
-    @field_validator("experiment")
-    @classmethod
-    def _named(cls, name: str) -> str:
-        if not name.strip():
-            raise ValueError("must not be empty")
-        return name
+    class TrackingParams(Section):
+        experiment: str
+        uri: str | None
+        system_metrics: bool
+        register: str | None
+
+        @field_validator("experiment", "register")
+        @classmethod
+        def _named(cls, name: str | None) -> str | None:
+            if name is not None and not name.strip():
+                raise ValueError("must not be empty")
+            return name
 
 
 class PathsParams(Section):

@@ -27,6 +27,19 @@ def write_curve(path: Path, rows: list[dict[str, float]], fields: list[str] | No
         writer.writerows(rows)
 
 
+def write_predictions(path: Path, images: dict[str, list], classes: list[str]) -> None:
+    """Per image: its key, true class, predicted class and probability, then every class's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["key", "true_class", "class", "probability", *classes])
+        for key, label, probs in zip(
+            images["key"], images["label"], images["probabilities"], strict=True
+        ):
+            best = max(range(len(classes)), key=probs.__getitem__)
+            out.writerow([key, classes[label], classes[best], probs[best], *probs])
+
+
 def plot_curve(path: Path, rows: list[dict[str, float]], x: str, ys: list[str], title: str) -> None:
     import matplotlib
 

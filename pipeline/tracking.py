@@ -207,6 +207,12 @@ class Run:
         )
         self._send("dataset", lambda: mlflow.log_input(dataset, context=context))
 
+    def log_classifier(self, folder: Path, example: bytes) -> None:
+        """The classifier in `folder` (model.safetensors + config.json) as this run's MLflow
+        model `classifier` (see pipeline/mlflow_model.py), with `example` (an encoded
+        image) as its input example. (The active run only: `log_model` takes no run id.)"""
+        self._send("model", self._log_classifier, folder, example)
+
     # ---------------------------------------------------------------- sending
     def _log_params(self, params: dict[str, Any]) -> None:
         existing = mlflow.get_run(self.id).data.params
@@ -219,6 +225,27 @@ class Run:
     def _log_file(self, path: Path, artifact_dir: str | None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_dir, run_id=self.id)
 
+    def _log_classifier(self, folder: Path, example: bytes) -> None:
+        import mlflow.pyfunc
+
+        import mae
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.id:
+            raise RuntimeError(f"log_classifier: run {self.id} is not the active run")
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text())
+        mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"weights": str(folder / "model.safetensors"), "config": str(config_file)},
+            code_paths=[str(Path(mae.__file__).parent)],  # loads where the pipeline is not
+            signature=_classifier_signature(),
+            input_example=_image_frame([example]),
+            pip_requirements=_model_requirements(),  # inferring them takes a subprocess
+            metadata={"classes": config["classes"], "stage": config["kind"]},
+        )
+
     def _send(self, what: str, call, *args) -> None:
         if not self.keep:
             call(*args)
@@ -227,7 +254,7 @@ class Run:
             self._keep(what, call, args)
             return
         try:  # a model file to a team's server may take long: a timeout to match
-            with _fail_fast(timeout=120 if what == "artifact" else 5):
+            with _fail_fast(timeout=120 if what in ("artifact", "model") else 5):
                 self._flush()
                 call(*args)
         except Exception as err:
@@ -246,13 +273,16 @@ class Run:
             self.pending.pop(0)
 
     def _keep(self, what: str, call, args: tuple) -> None:
-        if what == "artifact":  # the file may be gone (a temp file, a renamed folder)
+        if what in ("artifact", "model"):  # it may be gone: a temp file, a renamed folder
             import shutil
             import tempfile
 
             self.spool = self.spool or Path(tempfile.mkdtemp(prefix="mae-mlflow-"))
             copy = Path(tempfile.mkdtemp(dir=self.spool)) / Path(args[0]).name
-            shutil.copy2(args[0], copy)
+            if Path(args[0]).is_dir():
+                shutil.copytree(args[0], copy)
+            else:
+                shutil.copy2(args[0], copy)
             args = (copy, *args[1:])
         self.pending.append((what, call, args))
 
@@ -289,6 +319,40 @@ class Run:
 
             shutil.rmtree(self.spool, ignore_errors=True)
             self.spool = None
+
+
+MODEL_NAME = "classifier"  # a classifier run's MLflow model (its LoggedModel's name)
+
+
+def _classifier_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "class"),
+                ColSpec("double", "probability"),
+                ColSpec(Array("double"), "probabilities"),
+            ]
+        ),
+    )
+
+
+def _image_frame(images: list[bytes]):
+    import pandas as pd
+
+    return pd.DataFrame({"image": images})
+
+
+def _model_requirements() -> list[str]:
+    """What pipeline/mlflow_model.py and the bundled `mae` import, pinned as installed."""
+    from importlib.metadata import version
+
+    packages = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas")
+    return [f"{name}=={version(name)}" for name in packages]
 
 
 class NullRun:
@@ -417,6 +481,46 @@ def download_model(run_id: str, dst: Path) -> Path:
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"run {run_id} has no model (model/ lacks config.json or weights)")
     return folder
+
+
+def model_uri(run) -> str:
+    """The URI of `run`'s MLflow model (`models:/<model id>`); UserError if it has none."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        stage = run.data.tags.get("stage", "untagged")
+        raise UserError(
+            f"run {run.info.run_id} ({stage}) has no MLflow model; give a finetune, "
+            "linprobe or scratch run"
+        )
+    return f"models:/{outputs[-1].model_id}"
+
+
+CHAMPION = "champion"  # the alias of the registered version with the best test top-1
+
+
+def register_champion(name: str, run, top1: float) -> dict:
+    """Register `run`'s MLflow model under `name` (once per run), tag the version with its
+    test top-1, and point alias `champion` at the version with the best. -> the version,
+    the champion's version and the name."""
+    client = MlflowClient()
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+        version = found[0] if found else _quiet_register(model_uri(run), name)
+        client.set_model_version_tag(name, version.version, "test_top1", f"{top1:.6f}")
+        versions = client.search_model_versions(f"name = '{name}'")
+        best = max(versions, key=lambda v: (float(v.tags.get("test_top1", -1)), -int(v.version)))
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+    except mlflow.exceptions.MlflowException as err:
+        raise UserError(
+            f"tracking.register: cannot register run {run.info.run_id} as {name!r}: "
+            f"{first_line(err)}"
+        ) from None
+    return {"name": name, "version": int(version.version), "champion": int(best.version)}
+
+
+def _quiet_register(uri: str, name: str):
+    logging.getLogger("mlflow.tracking._model_registry").setLevel(logging.WARNING)
+    return mlflow.register_model(uri, name)
 
 
 def stage_runs(experiment_id: str, stage: str) -> list:

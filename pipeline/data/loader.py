@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
+from mae.augment import eval_transform
 from pipeline.data.plan import SHUFFLE_WINDOW, batches_per_epoch, rank_batches
 from pipeline.data.store import ShardStore, as_store
 from pipeline.data.tarindex import ShardIndex, pgm
@@ -58,18 +59,14 @@ class Augment:
 def build_transform(
     purpose: Purpose, img_size: int, mean: list[float], std: list[float], aug: Augment = Augment()
 ) -> v2.Compose:
-    bicubic = InterpolationMode.BICUBIC
     if purpose == "eval":
-        ops = [
-            v2.Resize(round(img_size / aug.crop_pct), interpolation=bicubic),
-            v2.CenterCrop(img_size),
-        ]
-    else:
-        ops = [v2.RandomResizedCrop(img_size, scale=(aug.scale_min, 1.0), interpolation=bicubic)]
-        if aug.hflip:
-            ops.append(v2.RandomHorizontalFlip())
-        if purpose == "finetune" and aug.randaugment:
-            ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+        return eval_transform(img_size, mean, std, aug.crop_pct)
+    bicubic = InterpolationMode.BICUBIC
+    ops = [v2.RandomResizedCrop(img_size, scale=(aug.scale_min, 1.0), interpolation=bicubic)]
+    if aug.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if purpose == "finetune" and aug.randaugment:
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
     ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if purpose == "finetune" and aug.reprob > 0:
         ops.append(v2.RandomErasing(p=aug.reprob, value=0))
@@ -148,6 +145,15 @@ class ShardStream(IterableDataset):
                 ahead.stop()
             for fd in files.values():
                 os.close(fd)
+
+    def encoded(self, i: int) -> bytes:
+        """Sample `i` of the split as its shard holds it (PNG, JPEG or PGM bytes)."""
+        x = self.index
+        fd = self.store.open(self.entries[int(x.shard[i])])
+        try:
+            return os.pread(fd, int(x.size[i]), int(x.offset[i]))
+        finally:
+            os.close(fd)
 
     def _decode(self, i: int, files: dict[int, int], ahead: Prefetch | None):
         x = self.index

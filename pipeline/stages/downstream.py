@@ -6,9 +6,12 @@ curve."""
 from __future__ import annotations
 
 import functools
+import io
+import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from pipeline import reports, tracking
 from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
@@ -96,6 +99,9 @@ class Downstream(Stage):
 
     def write_outputs(self, run, out: Path, plots: Path) -> dict:
         save_classifier(out, self.model, self.config, self.best["state"])
+        start = time.perf_counter()
+        run.log_classifier(out, self.example_image())
+        model_log_seconds = time.perf_counter() - start
         epochs = self.history.epochs
         curve = [{k: e[k] for k in ("epoch", "loss", "val_top1")} for e in epochs]
         reports.write_curve(plots / "curve.csv", curve)
@@ -106,4 +112,12 @@ class Downstream(Stage):
             "best_epoch": self.best["epoch"],
             "train_loss": epochs[-1]["loss"],
             "minutes": sum(e["seconds"] for e in epochs) / 60,
+            "model_log_seconds": model_log_seconds,
         }
+
+    def example_image(self) -> bytes:
+        """The MLflow model's input example: the first val image, as PNG."""
+        with Image.open(io.BytesIO(self.val_loader.dataset.encoded(0))) as img:
+            png = io.BytesIO()
+            img.save(png, format="PNG")
+        return png.getvalue()

@@ -27,10 +27,13 @@ log = logging.getLogger(__name__)
 DOWNSTREAM = ("finetune", "linprobe", "scratch")
 
 
-def evaluate_run(p: Params, run_id: str, folder: Path | None = None) -> list[dict]:
+def evaluate_run(
+    p: Params, run_id: str, folder: Path | None = None, per_image: bool = False
+) -> list[dict]:
     """Evaluate a finetune, linprobe or scratch run, or a pretrain run's children and the
     scratch control it names (then `mae_gain` too). `folder`: the run's model as a stage
-    wrote it, read instead of the run's artifacts."""
+    wrote it, read instead of the run's artifacts. `per_image`: each result also holds
+    every test image's key, label and class probabilities (`images`)."""
     tracking.connect(p.tracking)
     run = tracking.get_run(run_id)
     stage = run.data.tags.get("stage")
@@ -42,13 +45,13 @@ def evaluate_run(p: Params, run_id: str, folder: Path | None = None) -> list[dic
         if control:
             runs.append(tracking.get_run(control))
         log.info("run %s is a pretrain run: evaluating %d run(s)", run_id, len(runs))
-        return with_gain([_evaluate_one(p, r) for r in runs])
+        return with_gain([_evaluate_one(p, r, None, per_image) for r in runs])
     if stage not in DOWNSTREAM:
         raise UserError(
             f"run {run_id} is a {stage or 'untagged'} run; give a finetune, "
             "linprobe, scratch or pretrain run"
         )
-    return [_evaluate_one(p, run, folder)]
+    return [_evaluate_one(p, run, folder, per_image)]
 
 
 def with_gain(results: list[dict]) -> list[dict]:
@@ -70,7 +73,7 @@ def with_gain(results: list[dict]) -> list[dict]:
     return results
 
 
-def _evaluate_one(p: Params, run, folder: Path | None = None) -> dict:
+def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = False) -> dict:
     run_id, stage = run.info.run_id, run.data.tags["stage"]
     shards = shard_store(p.data)
     if folder is not None:
@@ -84,7 +87,14 @@ def _evaluate_one(p: Params, run, folder: Path | None = None) -> dict:
     loader = build_loader(
         shards, "test", "eval", batch_size=512, img_size=img_size, num_workers=p.runtime.num_workers
     )
-    result = evaluate(model.to(rt.device), loader, rt.device, config["num_classes"], rt.autocast)
+    result = evaluate(
+        model.to(rt.device),
+        loader,
+        rt.device,
+        config["num_classes"],
+        rt.autocast,
+        per_image=per_image,
+    )
     classes = config["classes"]
     metrics = {"test/top1": result["top1"], "test/top5": result["top5"]}
     metrics |= {
@@ -99,6 +109,11 @@ def _evaluate_one(p: Params, run, folder: Path | None = None) -> dict:
         tracking.Run(parent).log_metrics(
             {f"{stage}/test_top1": result["top1"], f"{stage}/test_top5": result["top5"]}, step=0
         )
+    registered = {}
+    if p.tracking.register and stage == "finetune":
+        registered = {
+            "registered": tracking.register_champion(p.tracking.register, run, result["top1"])
+        }
     return {
         "run_id": run_id,
         "stage": stage,
@@ -106,10 +121,11 @@ def _evaluate_one(p: Params, run, folder: Path | None = None) -> dict:
         "classes": classes,
         **result,
         "per_class": dict(zip(classes, result["per_class"], strict=True)),
+        **registered,
     }
 
 
-def evaluate_stage(p: Params) -> list[dict]:
+def evaluate_stage(p: Params, per_image: bool = False) -> list[dict]:
     """The DVC stage: this workspace's finetune, linprobe and scratch models ->
     evaluate.json, with `mae_gain`."""
     results = []
@@ -117,7 +133,7 @@ def evaluate_stage(p: Params) -> list[dict]:
         folder = Path(p.paths.models) / stage
         if not (folder / "run_id").is_file():
             raise UserError(f"{folder / 'run_id'} is missing (run `dvc repro {stage}`)")
-        results += evaluate_run(p, (folder / "run_id").read_text().strip(), folder)
+        results += evaluate_run(p, (folder / "run_id").read_text().strip(), folder, per_image)
     results = with_gain(results)
     metrics = {f"{r['stage']}_{k}": r[k] for r in results for k in ("top1", "top5")}
     metrics["mae_gain"] = results[0]["mae_gain"]
@@ -137,6 +153,12 @@ def format_result(r: dict) -> str:
         lines.append(
             f"mae_gain {100 * r['mae_gain']:+.2f} points over the scratch control "
             f"(run {r['scratch_run_id']})"
+        )
+    if "registered" in r:
+        reg = r["registered"]
+        lines.append(
+            f"registered as {reg['name']} version {reg['version']}; "
+            f"@{tracking.CHAMPION} is version {reg['champion']}"
         )
     lines += [
         "",

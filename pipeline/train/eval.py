@@ -30,17 +30,24 @@ def evaluate(
     num_classes: int,
     autocast=None,
     dist: Dist = Dist(),
+    per_image: bool = False,
 ) -> dict:
-    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class).
+    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class); with
+    `per_image` (one process) also each image's key, label and class probabilities.
 
     Under several ranks each evaluates its share of the split; the counts are summed."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = 0
+    images: dict[str, list] = {"key": [], "label": [], "probabilities": []}
     for batch in progress(loader, desc="evaluate", enabled=dist.main):
         imgs, labels = batch["image"].to(device, non_blocking=True), batch["label"]
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(imgs).float().cpu()
+        if per_image:
+            images["key"] += batch["key"]
+            images["label"] += labels.tolist()
+            images["probabilities"] += logits.softmax(dim=1).tolist()
         k = min(5, num_classes)
         top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
         confusion += torch.bincount(
@@ -58,4 +65,5 @@ def evaluate(
         "count": total,
         "per_class": per_class,
         "confusion": confusion.tolist(),
+        **({"images": images} if per_image else {}),
     }
