@@ -52,14 +52,12 @@ def trained(tmp_path_factory):
         }
     )
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # a store an earlier module set must not leak in
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", params["tracking"]["uri"])
         run_shard(load_params("params.yaml").data)
         run_pretrain(load_params("params.yaml"))
         run_id = run_finetune(load_params("params.yaml"))
-    finally:
-        os.chdir(cwd)
     return folder, run_id
 
 
