@@ -227,6 +227,7 @@ class Run:
 
     def _log_classifier(self, folder: Path, example: bytes) -> None:
         import mlflow.pyfunc
+        import pandas as pd
 
         import mae
 
@@ -241,7 +242,7 @@ class Run:
             artifacts={"weights": str(folder / "model.safetensors"), "config": str(config_file)},
             code_paths=[str(Path(mae.__file__).parent)],  # loads where the pipeline is not
             signature=_classifier_signature(),
-            input_example=_image_frame([example]),
+            input_example=pd.DataFrame({"image": [example]}),
             pip_requirements=_model_requirements(),  # inferring them takes a subprocess
             metadata={"classes": config["classes"], "stage": config["kind"]},
         )
@@ -339,12 +340,6 @@ def _classifier_signature():
             ]
         ),
     )
-
-
-def _image_frame(images: list[bytes]):
-    import pandas as pd
-
-    return pd.DataFrame({"image": images})
 
 
 def _model_requirements() -> list[str]:
@@ -505,7 +500,7 @@ def register_champion(name: str, run, top1: float) -> dict:
     client = MlflowClient()
     try:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
-        version = found[0] if found else _quiet_register(model_uri(run), name)
+        version = found[0] if found else mlflow.register_model(model_uri(run), name)
         client.set_model_version_tag(name, version.version, "test_top1", f"{top1:.6f}")
         versions = client.search_model_versions(f"name = '{name}'")
         best = max(versions, key=lambda v: (float(v.tags.get("test_top1", -1)), -int(v.version)))
@@ -516,11 +511,6 @@ def register_champion(name: str, run, top1: float) -> dict:
             f"{first_line(err)}"
         ) from None
     return {"name": name, "version": int(version.version), "champion": int(best.version)}
-
-
-def _quiet_register(uri: str, name: str):
-    logging.getLogger("mlflow.tracking._model_registry").setLevel(logging.WARNING)
-    return mlflow.register_model(uri, name)
 
 
 def stage_runs(experiment_id: str, stage: str) -> list:

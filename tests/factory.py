@@ -211,3 +211,12 @@ def wait_for_http(url: str, proc, timeout: float = 90) -> None:
         except OSError:
             assert time.monotonic() < deadline and proc.poll() is None, f"no answer at {url}"
             time.sleep(0.5)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

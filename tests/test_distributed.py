@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from pipeline.train.distributed import Dist, resolve_nproc
-from tests.factory import project_params, shard_set
+from tests.factory import free_port, project_params, shard_set
 
 UNEVEN = [5, 17, 3, 11, 8, 13, 2]
 
@@ -68,25 +68,17 @@ def test_each_rank_draws_its_own_drop_path_while_masks_stay_shared(tmp_path):
     """Drop path (and Mixup) use the global streams, seeded seed + rank once the model is
     built: two ranks drop different paths of the same weights, while the generator that
     draws masks and crops for the global batch gives both ranks the same numbers."""
-    mp.spawn(_drop_path_rank, args=(2, str(tmp_path), _free_port()), nprocs=2)
+    mp.spawn(_drop_path_rank, args=(2, str(tmp_path), free_port()), nprocs=2)
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert a["weights"] == b["weights"] and a["masking"] == b["masking"]
     assert a["logits"] != b["logits"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_loaders_under_two_ranks_in_a_process_group(tmp_path):
     folder = shard_set(tmp_path / "shards", UNEVEN)
-    mp.spawn(_loader_rank, args=(2, str(folder), str(tmp_path), _free_port()), nprocs=2)
+    mp.spawn(_loader_rank, args=(2, str(folder), str(tmp_path), free_port()), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     train = [ranks[r]["pretrain"] for r in range(2)]
     assert len(train[0]) == len(train[1]) == sum(UNEVEN) // 8  # equal steps: no hang

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.train.loop import Diverged
-from tests.factory import idx_dataset, project_params, run_cmd, wait_for_http
+from tests.factory import free_port, idx_dataset, project_params, run_cmd, wait_for_http
 
 PARAMS = {
     "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
@@ -316,11 +316,7 @@ def test_a_stage_that_fails_writing_its_outputs_leaves_the_previous_ones_whole(
 def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_end(tmp_path):
     """A team's `mlflow server` (started here on 127.0.0.1) killed after the first epoch:
     the stage does not stall, finishes its epochs and outputs, then fails in one line."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
          "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

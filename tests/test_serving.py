@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -25,7 +24,7 @@ from pipeline.params import load_params
 from pipeline.stages.evaluate import evaluate_run
 from pipeline.stages.finetune import run_finetune
 from pipeline.stages.pretrain import run_pretrain
-from tests.factory import bands_dataset, image_bytes, project_params, wait_for_http
+from tests.factory import bands_dataset, free_port, image_bytes, project_params, wait_for_http
 
 CLASSES = ["top", "upper", "lower", "bottom"]  # where the bright square lies
 PARAMS = {
@@ -143,17 +142,11 @@ def test_the_model_loads_without_the_pipeline_package(project, tmp_path):
     assert mae_file.startswith(local) and cls in CLASSES
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_as_mae_cli_evaluate(project):
     folder, run_id = project
     expected = _evaluate_cli(run_id, folder)
     images = _test_images(2)
-    port = _free_port()
+    port = free_port()
     uri = tracking.model_uri(mlflow.get_run(run_id))
     command = [MLFLOW, "models", "serve", "-m", uri, "--env-manager", "local"]
     server = subprocess.Popen(

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,15 +17,9 @@ import yaml
 
 from pipeline.params import parse_params
 from pipeline.tracking import connect
-from tests.factory import project_params, wait_for_http
+from tests.factory import free_port, project_params, wait_for_http
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def ui(tmp_path):
     experiment_id = mlflow.create_experiment("ui", (tmp_path / "art").as_uri())
     with mlflow.start_run(experiment_id=experiment_id, run_name="pretrain mask=0.75"):
         mlflow.log_metric("finetune/test_top1", 0.84)
-    port = _free_port()
+    port = free_port()
     cli = Path(sys.executable).with_name("mae-cli")
     proc = subprocess.Popen(
         [str(cli), "ui", "--params", "params.yaml", "--port", str(port)],
