@@ -288,3 +288,14 @@ def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monk
     assert f"{kept[-1].parent.name}/epoch-0001 cannot be read (Unterminated" in caplog.text
     got = load_file(str(project / "models/finetune/model.safetensors"))
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # as if uninterrupted
+
+
+def test_cached_features_keep_every_row_in_order_across_buffers(monkeypatch):
+    from pipeline.train.eval import Rows
+
+    monkeypatch.setattr(Rows, "BYTES", 3 * 2 * 4)  # three rows of two float32 per buffer
+    rows, parts = Rows(), [torch.randn(n, 2) for n in (2, 5, 0, 1)]
+    for part in parts:
+        rows.add(part)
+    assert torch.equal(rows.tensor(), torch.cat(parts)) and len(rows.full) == 2
+    assert Rows().tensor().numel() == 0
