@@ -139,10 +139,13 @@ def evaluate(
     results = (
         evaluate_run(p, run_id, per_image=per_image) if run_id else evaluate_stage(p, per_image)
     )
-    for r in results if per_image else []:
-        path = predictions / f"{r['run_id']}.csv"
-        reports.write_predictions(path, r.pop("images"), r["classes"])
-        typer.echo(f"{r['stage']} run {r['run_id']}: per-image probabilities in {path}", err=True)
+    if per_image:
+        for r in results:
+            path = predictions / f"{r['run_id']}.csv"
+            reports.write_predictions(path, r.pop("images"), r["classes"])
+            typer.echo(
+                f"{r['stage']} run {r['run_id']}: per-image probabilities in {path}", err=True
+            )
     if as_json:
         typer.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
     else:

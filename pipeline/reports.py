@@ -28,9 +28,11 @@ def write_curve(path: Path, rows: list[dict[str, float]], fields: list[str] | No
 
 
 def write_predictions(path: Path, images: dict[str, list], classes: list[str]) -> None:
-    """Per image: its key, true class, predicted class and probability, then every class's."""
+    """Per image: its key, true class, predicted class and probability, then every class's;
+    written aside and renamed into place, so a failure never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    part = path.with_name(f".{path.name}.part")
+    with part.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["key", "true_class", "class", "probability", *classes])
         for key, label, probs in zip(
@@ -38,6 +40,7 @@ def write_predictions(path: Path, images: dict[str, list], classes: list[str]) -
         ):
             best = max(range(len(classes)), key=probs.__getitem__)
             out.writerow([key, classes[label], classes[best], probs[best], *probs])
+    part.replace(path)
 
 
 def plot_curve(path: Path, rows: list[dict[str, float]], x: str, ys: list[str], title: str) -> None:
