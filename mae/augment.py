@@ -74,7 +74,8 @@ class RandomResizedCropFlip(nn.Module):
         theta[:, 0, 2] = (2 * x0 + w) / width - 1
         theta[:, 1, 1] = h / height
         theta[:, 1, 2] = (2 * y0 + h) / height - 1
-        theta = theta.to(device=imgs.device, dtype=imgs.dtype)
+        theta = theta.to(imgs.dtype)  # drawn on the host; to a GPU without blocking it:
+        theta = (theta.pin_memory() if imgs.is_cuda else theta).to(imgs.device, non_blocking=True)
         grid = F.affine_grid(theta, [n, imgs.shape[1], *self.size], align_corners=False)
         return F.grid_sample(imgs, grid, mode=self.mode, padding_mode="border", align_corners=False)
 

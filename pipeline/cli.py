@@ -272,8 +272,13 @@ def bench_step(
         "autocast, loss scaling, foreach AdamW), CUDA only.",
     ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
+    compile_mode: str = typer.Option(
+        "default", help="With --compile: default, reduce-overhead (CUDA graphs), max-autotune."
+    ),
     data: str = typer.Option(
-        "synthetic", help="synthetic (one batch on the device) or shards (data.shards)."
+        "synthetic",
+        help="synthetic (one batch on the device), shards (streamed from data.shards) or "
+        "memory (the train split held on the device).",
     ),
     params: Path = PARAMS,
     baseline: bool = typer.Option(
@@ -290,10 +295,16 @@ def bench_step(
 
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise typer.BadParameter(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if data not in ("synthetic", "shards"):
-        raise typer.BadParameter(f"--data must be synthetic or shards, got {data!r}")
+    if data not in ("synthetic", "shards", "memory"):
+        raise typer.BadParameter(f"--data must be synthetic, shards or memory, got {data!r}")
+    if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
+        raise typer.BadParameter(
+            f"--compile-mode must be default, reduce-overhead or max-autotune, got {compile_mode!r}"
+        )
     try:
-        loader = shards_loader(params, model, img_size, batch_size) if data == "shards" else None
+        loader = None
+        if data != "synthetic":
+            loader = shards_loader(params, model, img_size, batch_size, data == "memory", device)
         result = bench_train_step(
             model,
             batch_size,
@@ -302,7 +313,7 @@ def bench_step(
             warmup,
             device,
             precision,
-            compile,
+            compile_mode if compile else False,
             img_size,
             loader,
             baseline,
@@ -329,7 +340,9 @@ def bench_data(
     images: int = typer.Option(20_000, min=1, help="Images to read per measurement."),
     img_size: int = typer.Option(None, min=1, help="Output size (default: the model's)."),
     reader: str = typer.Option(
-        "mae", help="mae (this loader), webdataset (a plain pipeline, same transform) or both."
+        "mae",
+        help="mae (this loader, streaming), memory (it, over the split held in memory), "
+        "webdataset (a plain pipeline, same transform), both (mae and webdataset) or all.",
     ),
     device_crop: bool = typer.Option(
         True, help="Count the batched crop and flip that a GPU runs on the device (here: CPU)."
@@ -339,8 +352,10 @@ def bench_data(
     """Loader throughput on the train shards (data.shards) for each worker count."""
     if purpose not in ("pretrain", "finetune", "eval"):
         raise typer.BadParameter(f"--purpose must be pretrain, finetune or eval, got {purpose!r}")
-    if reader not in ("mae", "webdataset", "both"):
-        raise typer.BadParameter(f"--reader must be mae, webdataset or both, got {reader!r}")
+    choices = {"mae": ["mae"], "memory": ["memory"], "webdataset": ["webdataset"]}
+    choices |= {"both": ["mae", "webdataset"], "all": ["mae", "memory", "webdataset"]}
+    if reader not in choices:
+        raise typer.BadParameter(f"--reader must be one of {', '.join(choices)}, got {reader!r}")
     import json
 
     from mae import mae_config
@@ -350,7 +365,7 @@ def bench_data(
 
     p = load_params(params)
     size = img_size or mae_config(p.model.name).image_hw[0]
-    readers = ["mae", "webdataset"] if reader == "both" else [reader]
+    readers = choices[reader]
     for n in _counts("--workers", workers):
         for r in readers:
             try:

@@ -52,6 +52,7 @@ class DataParams(Section):
     seed: Annotated[int, Field(ge=0)]
     cache: str
     cache_max_gb: Positive
+    in_memory: bool | Literal["auto"]
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -148,7 +149,7 @@ class RuntimeParams(Section):
     seed: Annotated[int, Field(ge=0)]
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["auto", "fp32", "bf16"]
-    compile: bool
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"]
     num_workers: Annotated[int, Field(ge=0)]
     nproc: Count | Literal["auto"]
 

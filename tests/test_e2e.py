@@ -42,6 +42,8 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     assert set(runs) == {"shard", "pretrain", "finetune", "scratch", "linprobe"}
     assert runs["shard"].data.metrics["data/train/count"] == 180  # 200 less 10 % for val
     pretrain = runs["pretrain"]
+    for run in (runs[s] for s in ("pretrain", "finetune", "scratch", "linprobe")):
+        assert run.data.params["data.train_in_memory"] == "True"  # data.in_memory: auto
     for stage in ("finetune", "linprobe"):
         child = runs[stage]
         assert child.data.tags["mlflow.parentRunId"] == pretrain.info.run_id

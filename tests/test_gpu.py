@@ -55,3 +55,49 @@ def test_the_official_fp16_step_runs_beside_ours_and_adamw_is_fused():
 def test_two_gpus_over_nccl_follow_one_gpu(tmp_path):
     # bf16 rounds differently when the batch is split: a looser tolerance than on the CPU
     check_same_training(run_one_and_two_ranks(tmp_path, device="cuda"), rtol=5e-2, atol=5e-3)
+
+
+class _NoRun:
+    """A tracking run that keeps nothing: the loop's log points still run."""
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("compile", [False, "reduce-overhead"])
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_training_steps_never_wait_for_the_host_between_log_points(
+    tmp_path, monkeypatch, stage, compile
+):
+    """The split held on the GPU, masks and crops drawn on the host and copied through
+    pinned memory, losses kept on the device: under sync debug mode "error" any host sync
+    on the training path raises (the loop's log points allow theirs)."""
+    from pipeline.stages.finetune import Finetuner
+    from pipeline.stages.pretrain import Pretrainer
+
+    params = make_project(
+        tmp_path / "p",
+        data={"in_memory": True},
+        pretrain={"epochs": 3, "log_every": 3, "probe_every": 0},
+        finetune={"epochs": 3, "batch_size": 32, "log_every": 3, "warmup_epochs": 1},
+        runtime={"device": "cuda", "compile": compile},
+        tracking={"system_metrics": False},
+    )
+    monkeypatch.chdir(params.parent)
+    p = load_params("params.yaml")
+    if stage == "finetune":
+        run_pretrain(p)
+    s = (Pretrainer if stage == "pretrain" else Finetuner)(p, resolve_runtime(p.runtime))
+    assert s.loader.in_memory and s.loop.graphs == (compile == "reduce-overhead")
+    forward = s._loss
+    s.net.train()
+    s.loader.set_epoch(0)
+    s.loop.run(0, s.loader, forward, _NoRun(), [])  # compiles, records the graphs
+    torch.cuda.synchronize()
+    s.loader.set_epoch(1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        summary = s.loop.run(1, s.loader, forward, _NoRun(), [])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(summary["loss"]) and summary["img_per_s"] > 0

@@ -153,8 +153,11 @@ def test_batches_have_the_configured_shape_and_normalisation(tmp_path):
         source="idx", root=str(tmp_path / "raw"), shards=str(tmp_path / "shards"), workers=0
     )
     manifest = run_shard(p)
+    cpu = torch.device("cpu")
     loader = build_loader(p.shards, "train", "eval", batch_size=64, img_size=12)
-    images = torch.cat([b["image"] for b in loader])
+    batches = list(loader)
+    assert all(b["image"].dtype == torch.uint8 for b in batches)  # the stored pixels
+    images = torch.cat([loader.images(b, cpu) for b in batches])  # normalised on the device
     assert images.shape == (manifest["splits"]["train"]["count"], 1, 12, 12)
     # eval of the training split at native size: normalised with its own statistics
     assert images.mean().item() == pytest.approx(0.0, abs=1e-4)
@@ -163,7 +166,7 @@ def test_batches_have_the_configured_shape_and_normalisation(tmp_path):
     loader = build_loader(p.shards, "train", "pretrain", batch_size=16, img_size=8)
     batch = next(iter(loader))
     assert batch["image"].shape == (16, 1, 12, 12) and batch["label"].dtype == torch.int64
-    assert loader.device_augment(batch["image"]).shape == (16, 1, 8, 8)
+    assert loader.images(batch, cpu).shape == (16, 1, 8, 8)
     # the per-image path gives the same shapes without a device step
     loader = build_loader(
         p.shards, "train", "pretrain", batch_size=16, img_size=8, batch_augment=False

@@ -97,8 +97,9 @@ def test_the_gpu_recipe_is_valid_and_becomes_dvc_set_arguments(tmp_path):
     from pipeline.tools.recipe import overrides
 
     args = overrides(ROOT / "recipes/fashion-mnist-gpu.yaml", ROOT / "params.yaml")
-    assert "model.name=mae_vit_s_patch4_28" in args and "runtime.compile=true" in args
-    assert "runtime.nproc=auto" in args and "pretrain.blr=0.00015" in args
+    assert "model.name=mae_vit_s_patch4_28" in args and "runtime.compile=false" in args
+    assert "runtime.nproc=auto" in args and "pretrain.blr=0.0003" in args
+    assert "data.in_memory=auto" in args
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain: {epoch: 3}\n")
     with pytest.raises(UserError, match=r"bad.yaml: pretrain.epoch: unknown key"):
@@ -125,3 +126,25 @@ def test_reading_params_imports_neither_torch_nor_timm():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("runtime.compile", True, True),
+        ("runtime.compile", "reduce-overhead", True),
+        ("runtime.compile", "max-autotune", True),
+        ("runtime.compile", "fast", False),
+        ("data.in_memory", "auto", True),
+        ("data.in_memory", False, True),
+        ("data.in_memory", "yes", False),
+    ],
+)
+def test_switches_that_take_a_bool_or_a_named_choice(key, value, ok):
+    section, name = key.split(".")
+    raw = project_params({section: {name: value}})
+    if ok:
+        assert getattr(getattr(parse_params(raw), section), name) == value
+    else:
+        with pytest.raises(UserError, match=rf"^{key}: "):
+            parse_params(raw)

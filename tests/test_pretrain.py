@@ -100,7 +100,12 @@ def test_run_logs_params_metrics_artifacts_tags_and_dataset(project):
         "plots/loss.png",
     } <= artifacts
     metrics = json.loads((project / "metrics/pretrain.json").read_text())
-    assert set(metrics) == {"loss", "img_per_s", "minutes", "knn_top1", "knn_minutes"}
+    speed = {"img_per_s", "minutes", "data_wait"}
+    assert set(metrics) == {"loss", "knn_top1", "knn_minutes", *speed}
+    assert 0 <= metrics["data_wait"] < 1
+    assert run.data.params["data.train_in_memory"] == "True"  # data.in_memory: auto
+    waits = client.get_metric_history(run_id, "epoch/data_s")
+    assert [m.step for m in waits] == [1, 2, 3] and all(m.value >= 0 for m in waits)
     for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
         history = client.get_metric_history(run_id, name)  # with each train/loss point
         assert [m.step for m in history] == steps and all(m.value >= 0 for m in history)

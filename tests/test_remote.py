@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.data import store as store_module
+from pipeline.data import fetch as fetch_module
 from pipeline.data.loader import build_loader
 from pipeline.data.shard import run_shard
 from pipeline.data.store import ShardStore
@@ -162,7 +162,7 @@ def test_a_connection_cut_mid_shard_is_retried_and_the_epoch_is_whole(shards, tm
 def test_a_server_killed_mid_fetch_stops_the_epoch_with_one_clear_line(
     shards, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(store_module, "TRIES", 2)
+    monkeypatch.setattr(fetch_module, "TRIES", 2)
     with serve(shards, "--die-on", "train-000004.tar") as server:
         remote = ShardStore(server.url, tmp_path / "cache")
         with pytest.raises(UserError) as err:

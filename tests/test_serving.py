@@ -72,10 +72,10 @@ def project(trained, monkeypatch):
 def _test_images(count: int) -> list[tuple[str, bytes]]:
     """The first `count` test images as the shards hold them (key, PNG bytes)."""
     loader = build_loader("data/shards", "test", "eval", batch_size=count, img_size=16)
-    keys = loader.dataset.index.key[:count].tolist()
+    keys = loader.reader.index.key[:count].tolist()
     out = []
     for i, key in enumerate(keys):
-        with Image.open(io.BytesIO(loader.dataset.encoded(i))) as img:
+        with Image.open(io.BytesIO(loader.reader.encoded(i))) as img:
             png = io.BytesIO()
             img.save(png, format="PNG")
         out.append((key, png.getvalue()))

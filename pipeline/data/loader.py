@@ -15,17 +15,17 @@ sample an address, and one pure function orders an epoch:
   One rank with a batch of 2B sees exactly the samples two ranks with B see together.
 - evaluation: in shard order, a contiguous range per rank, every sample exactly once.
 
-Worker w of a rank reads that rank's batches w, w + W, ... which the DataLoader returns in
-round-robin order: the sequence of batches does not depend on the number of workers.
-Images are decoded, transformed, normalised with the manifest's mean/std, and batched.
+The plan (`plan.EpochPlan`) says which samples each batch holds; where they come from is
+the loader's source: the shards, read by a DataLoader's workers (`Streamed`, the reading
+itself in `reader`), or the split decoded once and held on the training device
+(`InMemory`, see `memory` and `data.in_memory`). Both give the same samples in the same
+batches, as stored pixels (uint8) that `Loader.images` normalises and augments on the
+device; only images that need per-image CPU work (variable sizes, RandAugment, random
+erasing, an evaluation resize) arrive transformed and normalised from the workers.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +33,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
 from mae.augment import eval_transform
-from pipeline.data.plan import SHUFFLE_WINDOW, batches_per_epoch, rank_batches
+from pipeline.data.memory import held, hold_split
+from pipeline.data.plan import SHUFFLE_WINDOW, EpochPlan
+from pipeline.data.reader import SplitReader
 from pipeline.data.store import ShardStore, as_store
-from pipeline.data.tarindex import ShardIndex, pgm
 from pipeline.errors import UserError, os_error_text
 
 Purpose = Literal["pretrain", "finetune", "eval"]
@@ -73,191 +73,111 @@ def build_transform(
     return v2.Compose(ops)
 
 
-# ------------------------------------------------------------------ the dataset
+# ------------------------------------------------------------------ the loader
 class ShardStream(IterableDataset):
-    """Batches of {"image": (B, C, H, W), "label": (B,), "key": [str]} for one rank.
+    """One epoch of a rank's batches, read from the shards by a DataLoader's workers: worker
+    w of W reads batches w, w + W, ... which the DataLoader returns in round-robin order, so
+    the sequence does not depend on the number of workers. An error arrives as data
+    ({"error": its line}); raised in a worker it would arrive wrapped in a traceback."""
 
-    With `transform=None` images are only decoded and normalised, as one batch (fast);
-    otherwise each image goes through `transform`.
-    """
-
-    def __init__(
-        self,
-        store: ShardStore,
-        entries: list[dict],
-        index: ShardIndex,
-        *,
-        transform,
-        mode: str,
-        mean: list[float],
-        std: list[float],
-        batch_size: int,
-        train: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        window: int,
-    ) -> None:
-        self.store, self.entries, self.index = store, entries, index
-        self.counts = [e["count"] for e in entries]
-        self.transform, self.mode = transform, mode
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.window = window
+    def __init__(self, reader: SplitReader, transform, seed: int, rank: int) -> None:
+        self.reader, self.transform, self.seed, self.rank = reader, transform, seed, rank
+        self.batches: list[np.ndarray] = []
         self.epoch = 0
-
-    def batches(self) -> list[np.ndarray]:
-        """This rank's batches of sample ids this epoch."""
-        return rank_batches(
-            self.counts,
-            epoch=self.epoch,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            batch_size=self.batch_size,
-            train=self.train,
-            window=self.window,
-        )
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None and self.train:  # seed the per-image augmentation of this worker
+        if info is not None:  # seed the per-image augmentation of this worker
             torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker)) % 2**62)
-        files: dict[int, int] = {}
-        mine = self.batches()[worker::workers]
-        last = {int(s): k for k, ids in enumerate(mine) for s in np.unique(self.index.shard[ids])}
-        ahead = Prefetch(self.store, self.entries, self.index, mine) if self.store.remote else None
         try:
-            for k, ids in enumerate(mine):
-                yield self._collate(ids, files, ahead)
-                for shard in [s for s in files if last[s] == k]:  # read for the last time:
-                    os.close(files.pop(shard))  # a cached shard's space is free once removed
-        except (UserError, OSError) as err:  # as data: from a worker it would arrive wrapped
-            if ahead is not None:
-                ahead.stop()  # now: the consumer raises and may never resume this generator
+            yield from self.reader.read(self.batches[worker::workers], self.transform)
+        except (UserError, OSError) as err:
             yield {"error": str(err) if isinstance(err, UserError) else os_error_text(err)}
-        finally:
-            if ahead is not None:
-                ahead.stop()
-            for fd in files.values():
-                os.close(fd)
-
-    def encoded(self, i: int) -> bytes:
-        """Sample `i` of the split as its shard holds it (PNG, JPEG or PGM bytes)."""
-        x = self.index
-        fd = self.store.open(self.entries[int(x.shard[i])])
-        try:
-            return os.pread(fd, int(x.size[i]), int(x.offset[i]))
-        finally:
-            os.close(fd)
-
-    def _decode(self, i: int, files: dict[int, int], ahead: Prefetch | None):
-        x = self.index
-        shard = int(x.shard[i])
-        if shard not in files:
-            if ahead is not None:
-                ahead.advance()
-            files[shard] = self.store.open(self.entries[shard])
-        data = os.pread(files[shard], int(x.size[i]), int(x.offset[i]))
-        if self.transform is None and self.mode == "L" and (pixels := pgm(data)) is not None:
-            return pixels
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert(self.mode)
-            return np.asarray(img) if self.transform is None else self.transform(img)
-
-    def _images(self, ids: np.ndarray, files: dict[int, int], ahead) -> torch.Tensor:
-        if self.transform is not None:
-            return torch.stack([self._decode(i, files, ahead) for i in ids])
-        pixels = torch.from_numpy(np.stack([self._decode(i, files, ahead) for i in ids]))
-        pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
-        return (pixels.float() - self.mean) / self.std
-
-    def _collate(self, ids: np.ndarray, files: dict[int, int], ahead) -> dict:
-        return {
-            "image": self._images(ids, files, ahead),
-            "label": torch.from_numpy(self.index.label[ids]),
-            "key": self.index.key[ids].tolist(),
-        }
 
 
-class Prefetch:
-    """Fetches a worker's remote shards in a thread, in the order its batches first read
-    them, at most `ahead` shards beyond the one being read: training starts on the first
-    shard while the next ones arrive. A fetch that fails here is tried again (and its
-    error raised) when the worker itself needs the shard."""
+class Streamed:
+    """Batches of ids -> batches read from the shards (workers are not persistent: each
+    epoch they get the dataset with its batches anew). Each iteration draws the workers'
+    base seed from `generator` (None: the global stream, as any DataLoader)."""
 
-    def __init__(self, store: ShardStore, entries, index: ShardIndex, batches, ahead: int = 2):
-        ids = np.concatenate(batches) if batches else np.zeros(0, np.int64)
-        shards = index.shard[ids]
-        _, first = np.unique(shards, return_index=True)
-        self.order = shards[np.sort(first)].tolist()
-        self.store, self.entries = store, entries
-        self.room = threading.Semaphore(ahead)  # released as the worker reaches each shard
-        self.done = False
-        threading.Thread(target=self._run, daemon=True).start()
+    def __init__(self, reader: SplitReader, transform, workers: int, pin: bool, seed, rank,
+                 generator: torch.Generator | None = None):  # fmt: skip
+        self.dataset = ShardStream(reader, transform, seed, rank)
+        self.loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=workers, pin_memory=pin, generator=generator
+        )
 
-    def _run(self) -> None:
-        for shard in self.order:
-            self.room.acquire()
-            if self.done:
-                return
-            with contextlib.suppress(Exception):  # the worker's own fetch raises it, named
-                self.store.path(self.entries[shard])
-
-    def advance(self) -> None:
-        """The worker opens its next shard: one more may be fetched ahead."""
-        self.room.release()
-
-    def stop(self) -> None:
-        self.done = True
-        self.room.release()
-
-
-class ShardLoader:
-    """A DataLoader over one split for one rank; call `set_epoch` before each epoch.
-
-    When `device_augment` is set, the batches are un-augmented and the training step
-    applies it on the device: `images(batch, device, generator, rank, world)`.
-    """
-
-    def __init__(
-        self,
-        dataset: ShardStream,
-        loader: DataLoader,
-        manifest: dict,
-        device_augment: torch.nn.Module | None,
-    ) -> None:
-        self.dataset, self.loader, self.manifest = dataset, loader, manifest
-        self.device_augment = device_augment
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch  # workers are not persistent: they get it at each __iter__
-
-    def images(
-        self, batch: dict, device: torch.device, generator=None, rank: int = 0, world: int = 1
-    ) -> torch.Tensor:
-        """A batch's images on `device`, augmented there when the loader leaves that to the
-        device (crops drawn from `generator` for the global batch; this rank's rows kept)."""
-        imgs = batch["image"].to(device, non_blocking=True)
-        if self.device_augment is None:
-            return imgs
-        return self.device_augment(imgs, generator, rank, world)
-
-    def __iter__(self) -> Iterator[dict]:
+    def __call__(self, batches: list[np.ndarray], epoch: int = 0) -> Iterator[dict]:
+        self.dataset.batches, self.dataset.epoch = batches, epoch
         for batch in self.loader:
             if "error" in batch:
                 raise UserError(batch["error"])
             yield batch
 
+
+class InMemory:
+    """Batches of ids -> batches gathered from the split held on `device`, decoded on first
+    use (in sample-id order, by `workers` processes)."""
+
+    def __init__(self, reader: SplitReader, workers: int, key: tuple, device: torch.device):
+        # its own seed stream: decoding leaves the global streams as they were
+        self.decode = Streamed(reader, None, workers, False, 0, 0, torch.Generator())
+        self.reader, self.key, self.device = reader, key, device
+
+    def __call__(self, batches: list[np.ndarray], epoch: int = 0) -> Iterator[dict]:
+        split = held(self.reader, self.key, self.device, self.decode)
+        # One draw from the global stream, as a DataLoader's iteration makes for its workers'
+        # base seed: what uses that stream (drop path) then draws the values it draws when
+        # the split streams. Holding a split changes speed, never results.
+        torch.empty((), dtype=torch.int64).random_()
+        return split.batches(batches)
+
+
+class Loader:
+    """One split for one rank: each epoch, the batches of the epoch plan, streamed from the
+    shards or gathered from the split held in memory (`in_memory`); call `set_epoch` first.
+
+    A batch is {"image", "label", "key"}; `images(batch, device, ...)` gives its images as
+    the model takes them: on `device`, normalised with the manifest's mean/std, and, where
+    the loader leaves augmentation to the device (`device_augment`), cropped and flipped
+    there (crops drawn from `generator` for the global batch; this rank's rows kept).
+    """
+
+    def __init__(self, plan: EpochPlan, reader: SplitReader, manifest: dict, source, augment):
+        self.plan, self.reader, self.manifest = plan, reader, manifest
+        self.source, self.device_augment = source, augment
+        self.in_memory = isinstance(source, InMemory)
+        self.epoch = 0
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.source(self.plan.batches(self.epoch), self.epoch))
+
     def __len__(self) -> int:
-        d = self.dataset
-        return batches_per_epoch(
-            d.counts, world_size=d.world_size, batch_size=d.batch_size, train=d.train, rank=d.rank
-        )
+        return len(self.plan)
+
+    def images(
+        self, batch: dict, device: torch.device, generator=None, rank: int = 0, world: int = 1
+    ) -> torch.Tensor:
+        imgs = batch["image"].to(device, non_blocking=True)
+        if imgs.dtype == torch.uint8:  # stored pixels: normalised here, on the device
+            mean, std = self._normalisation(device)
+            imgs = (imgs.float() - mean) / std
+        if self.device_augment is None:
+            return imgs
+        return self.device_augment(imgs, generator, rank, world)
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._stats:  # once: a copy per step would wait for the device
+            m = self.manifest
+            mean = torch.tensor(m["mean"]).view(1, -1, 1, 1) * 255
+            std = torch.tensor(m["std"]).view(1, -1, 1, 1) * 255
+            self._stats[device] = (mean.to(device), std.to(device))
+        return self._stats[device]
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -281,14 +201,17 @@ def build_loader(
     rank: int | None = None,
     world_size: int | None = None,
     shuffle_window: int = SHUFFLE_WINDOW,
-    pin_memory: bool = False,
     batch_augment: bool = True,
-) -> ShardLoader:
+    in_memory: bool | str = False,
+    device: torch.device | None = None,
+) -> Loader:
     """The loader for `split` ("train", "val", "test") and `purpose` from the shards' manifest.
 
     Rank and world size default to the process group's. Training purposes shuffle and drop
     the few samples that do not fill a global batch; "eval" reads every sample exactly once.
-    See `ShardLoader.device_augment`.
+    `in_memory` is `data.in_memory` (True, False or "auto", see `memory`); `device` is
+    where a held split lives and where batches go (pinned memory for CUDA). Raises
+    UserError for missing or altered shards and for an `in_memory` that cannot be honoured.
     """
     store = as_store(shards)
     manifest = store.manifest()
@@ -296,48 +219,50 @@ def build_loader(
         raise UserError(f"{store.url('manifest.json')} has no split {split!r}")
     entries = manifest["splits"][split]["shards"]
     store.verify(entries)
+    device = device or torch.device("cpu")
     rank, world_size = _rank_and_world(rank, world_size)
-    transform, device_augment = _transforms(manifest, purpose, img_size, aug, batch_augment)
-    dataset = ShardStream(
-        store,
-        entries,
-        store.index(entries),
-        transform=transform,
-        mode="L" if manifest["channels"] == 1 else "RGB",
-        mean=manifest["mean"],
-        std=manifest["std"],
-        batch_size=batch_size,
-        train=purpose != "eval",
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        window=shuffle_window,
+    transform, device_augment, per_image = _transforms(
+        manifest, purpose, img_size, aug, batch_augment
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
+    mode = "L" if manifest["channels"] == 1 else "RGB"
+    reader = SplitReader(store, entries, store.index(entries), mode)
+    plan = EpochPlan(
+        reader.counts, batch_size, purpose != "eval", seed, rank, world_size, shuffle_window
     )
-    return ShardLoader(dataset, loader, manifest, device_augment)
+    if hold_split(in_memory, manifest, split, per_image):
+        key = (store.location, store.digest(), split)
+        source = InMemory(reader, num_workers, key, device)
+    else:
+        source = Streamed(reader, transform, num_workers, device.type == "cuda", seed, rank)
+    return Loader(plan, reader, manifest, source, device_augment)
 
 
 def _transforms(manifest: dict, purpose: Purpose, img_size: int, aug: Augment, batch_augment: bool):
-    """-> (per-image CPU transform or None, batched device augmentation or None).
+    """-> (per-image CPU transform or None, batched device augmentation or None, why images
+    go through the CPU one by one or None).
 
     Images that all have one size (IDX sources) skip the per-image path: they are decoded
-    and normalised as a batch, and cropped and flipped on the device, in one call. Variable
-    sizes, RandAugment and random erasing need the per-image path.
+    as a batch, and normalised, cropped and flipped on the device, in one call. Variable
+    sizes, RandAugment, random erasing and an evaluation resize need the per-image path.
     """
     from mae.augment import RandomResizedCropFlip
 
     size = manifest.get("image_size")
-    if batch_augment and size is not None:
-        if purpose == "eval" and tuple(size) == (img_size, img_size) and aug.crop_pct == 1.0:
-            return None, None
-        if purpose != "eval" and not aug.randaugment and aug.reprob == 0:
-            crop = RandomResizedCropFlip(img_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip)
-            return None, crop
-    return build_transform(purpose, img_size, manifest["mean"], manifest["std"], aug), None
+    if purpose != "eval" and aug.randaugment:
+        why = "RandAugment (finetune.randaugment) runs per image on the CPU"
+    elif purpose != "eval" and aug.reprob > 0:
+        why = "random erasing (finetune.reprob) runs per image on the CPU"
+    elif size is None:
+        why = "the images differ in size"
+    elif purpose == "eval" and (tuple(size) != (img_size, img_size) or aug.crop_pct != 1.0):
+        why = f"the {size[0]}x{size[1]} images are resized to {img_size} px per image"
+    elif not batch_augment:
+        why = "the augmentation was asked to run per image on the CPU"
+    else:
+        why = None
+    if why is None and purpose == "eval":
+        return None, None, None
+    if why is None:
+        crop = RandomResizedCropFlip(img_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip)
+        return None, crop, None
+    return build_transform(purpose, img_size, manifest["mean"], manifest["std"], aug), None, why

@@ -3,6 +3,8 @@ counts, the seed and the epoch alone (the loader's docstring says why)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 SHUFFLE_WINDOW = 20_000  # samples shuffled together; more than Fashion-MNIST's train split
@@ -62,3 +64,39 @@ def batches_per_epoch(
         return total // (world_size * batch_size)
     lo, hi = _ranges(total, world_size)[rank]
     return -(-(hi - lo) // batch_size)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """`rank_batches` for one split and one rank, epoch after epoch: what both loaders (the
+    streaming one and the one over a split held in memory) follow."""
+
+    counts: tuple[int, ...]  # samples per shard, in manifest order
+    batch_size: int
+    train: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    window: int = SHUFFLE_WINDOW
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of sample ids in `epoch`, in order."""
+        return rank_batches(
+            list(self.counts),
+            epoch=epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            train=self.train,
+            window=self.window,
+        )
+
+    def __len__(self) -> int:
+        return batches_per_epoch(
+            list(self.counts),
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            train=self.train,
+            rank=self.rank,
+        )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.imagefolder import list_imagefolder
 from pipeline.data.manifest import FORMAT
 from pipeline.data.shard_worker import Chunk, ChunkResult, Context, init_worker, write_chunk
 from pipeline.data.sources import (
@@ -27,7 +28,6 @@ from pipeline.data.sources import (
     Skipped,
     SourceListing,
     list_idx,
-    list_imagefolder,
 )
 from pipeline.data.store import is_url
 from pipeline.errors import UserError

@@ -22,22 +22,19 @@ import logging
 import os
 import re
 import shlex
-import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data import fetch
 from pipeline.data.manifest import parse_manifest
 from pipeline.data.tarindex import ShardIndex, read_index
-from pipeline.errors import UserError, first_line
+from pipeline.errors import UserError
 from pipeline.params import DataParams, project_root
 
 log = logging.getLogger(__name__)
-TRIES = int(os.environ.get("MAE_FETCH_TRIES", "3"))  # per file, 1 s then 2 s apart
 STALE_PART_S = 600  # a partial download untouched this long was left by a killed process
 _MANIFESTS: dict[str, bytes] = {}  # remote manifest.json per location, once per process
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # local (path, size, mtime_ns) -> its sha256
@@ -81,7 +78,9 @@ class ShardStore:
                     "(run `mae-cli shard` or `dvc repro shard`)"
                 ) from None
         if self.location not in _MANIFESTS:
-            _MANIFESTS[self.location] = _with_retries(self.url("manifest.json"), _read_all)
+            _MANIFESTS[self.location] = fetch.with_retries(
+                self.url("manifest.json"), fetch.read_all
+            )
         return _MANIFESTS[self.location]
 
     def manifest(self) -> dict:
@@ -180,7 +179,7 @@ class ShardStore:
             if _touch(dest):  # fetched by another rank or worker while this one waited
                 return dest
             url = self.url(entry["name"])
-            _with_retries(url, lambda u: _download(u, dest, entry))
+            fetch.with_retries(url, lambda u: fetch.download(u, dest, entry))
         self._evict(keep=dest)
         return dest
 
@@ -234,90 +233,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _Retry(Exception):
-    """A fetch that failed in a way another try may not (a cut connection, a timeout)."""
-
-
-def _with_retries(url: str, fetch):
-    for attempt in range(TRIES):
-        try:
-            return fetch(url)
-        except _Retry as err:
-            last = err
-            if attempt + 1 < TRIES:
-                log.warning("fetching %s failed (%s); trying again", url, err)
-                time.sleep(2**attempt)
-    raise UserError(f"cannot fetch {url} ({TRIES} tries): {last}")
-
-
-@contextlib.contextmanager
-def _open(url: str) -> Iterator:
-    """A stream of `url`'s bytes; any failure to open or read it raises _Retry."""
-    if url.startswith("pipe:"):
-        with tempfile.TemporaryFile() as stderr:  # a file: a chatty command never blocks on it
-            proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=stderr)
-            whole = False
-            try:
-                yield proc.stdout
-                whole = True
-            finally:
-                if not whole:  # the reader stopped early: the command must not outlive it
-                    proc.kill()
-                proc.stdout.close()
-                code = proc.wait()
-            if code != 0:
-                stderr.seek(0)
-                said = stderr.read().decode(errors="replace").strip().splitlines()[-1:]
-                raise _Retry(f"`{url[5:]}` exited {code}: {said[0] if said else 'no message'}")
-        return
-    import fsspec
-
-    kw = {}
-    if url.startswith(("http://", "https://")):
-        import aiohttp
-
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
-        kw = {"block_size": 0, "client_kwargs": {"timeout": timeout}}  # stream, no ranges
-    try:
-        with fsspec.open(url, "rb", **kw) as f:
-            yield f
-    except Exception as err:  # aiohttp and cloud SDK errors share no base class
-        raise _Retry(_reason(err, url)) from None
-
-
-def _reason(err: BaseException, url: str) -> str:
-    """Why a fetch failed, in one line: fsspec wraps a refused connection or an HTTP 404 in
-    a FileNotFoundError that only names the URL; its cause says what happened."""
-    while str(err) in ("", url) and (err.__cause__ or err.__context__) is not None:
-        err = err.__cause__ or err.__context__
-    return f"{type(err).__name__}: {first_line(err)}"
-
-
-def _read_all(url: str) -> bytes:
-    with _open(url) as f:
-        return f.read()
-
-
-def _download(url: str, dest: Path, entry: dict) -> None:
-    """`url` -> `dest`, hashed as it streams in; renamed into place only when its size and
-    sha256 are the manifest's."""
-    part = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
-    sha, size = hashlib.sha256(), 0
-    try:
-        with _open(url) as src, open(part, "wb") as out:
-            while chunk := src.read(1 << 20):
-                sha.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-        if size != entry["bytes"]:
-            raise _Retry(f"got {size:,} bytes, the manifest says {entry['bytes']:,}")
-        if sha.hexdigest() != entry["sha256"]:  # all of another file: a retry cannot help
-            raise UserError(
-                f"{url}: its sha256 ({sha.hexdigest()[:12]}...) is not the manifest's "
-                f"({entry['sha256'][:12]}...): the store holds another file than its manifest lists"
-            )
-        part.replace(dest)
-    finally:
-        part.unlink(missing_ok=True)

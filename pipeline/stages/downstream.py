@@ -15,12 +15,11 @@ from PIL import Image
 
 from pipeline import reports, tracking
 from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
-from pipeline.data.loader import build_loader
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.runtime import Runtime, seed_everything
-from pipeline.train.stage import Stage
+from pipeline.train.stage import Stage, speed
 
 
 class Downstream(Stage):
@@ -42,14 +41,7 @@ class Downstream(Stage):
                 "the val split is empty: the kept model is chosen on it "
                 "(set data.val_fraction above 0)"
             )
-        self.val_loader = build_loader(
-            shards,
-            "val",
-            "eval",
-            batch_size=512,
-            img_size=pre.cfg.image_hw[0],
-            num_workers=p.runtime.num_workers,
-        )
+        self.val_loader = self.loader_for("val", "eval", 512, pre.cfg.image_hw[0])
         self.generator = torch.Generator().manual_seed(p.runtime.seed)  # crops, shuffles
 
     def encoder(self, p: Params) -> Pretrained:
@@ -91,6 +83,7 @@ class Downstream(Stage):
             **{f"{self.name}.{k}": v for k, v in flatten(self.section).items()},
             **{f"runtime.{k}": v for k, v in flatten(self.p.runtime).items()},
             **self.derived_params(),
+            "data.train_in_memory": self.loader.in_memory,  # what data.in_memory resolved to
             "pretrain.run_id": self.pre.run_id or "none (random init)",
         }
 
@@ -111,13 +104,13 @@ class Downstream(Stage):
             "val_top1": self.best["top1"],
             "best_epoch": self.best["epoch"],
             "train_loss": epochs[-1]["loss"],
-            "minutes": sum(e["seconds"] for e in epochs) / 60,
+            **speed(epochs),
             "model_log_seconds": model_log_seconds,
         }
 
     def example_image(self) -> bytes:
         """The MLflow model's input example: the first val image, as PNG."""
-        with Image.open(io.BytesIO(self.val_loader.dataset.encoded(0))) as img:
+        with Image.open(io.BytesIO(self.val_loader.reader.encoded(0))) as img:
             png = io.BytesIO()
             img.save(png, format="PNG")
         return png.getvalue()

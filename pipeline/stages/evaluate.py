@@ -85,7 +85,14 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
     rt = resolve_runtime(p.runtime)
     img_size = MAEConfig.from_dict(config["model"]).image_hw[0]
     loader = build_loader(
-        shards, "test", "eval", batch_size=512, img_size=img_size, num_workers=p.runtime.num_workers
+        shards,
+        "test",
+        "eval",
+        batch_size=512,
+        img_size=img_size,
+        num_workers=p.runtime.num_workers,
+        in_memory=p.data.in_memory,
+        device=rt.device,
     )
     result = evaluate(
         model.to(rt.device),

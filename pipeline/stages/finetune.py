@@ -11,8 +11,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from mae import build_classifier
 from mae.optim import FINETUNE_BETAS, build_adamw, finetune_param_groups
 from pipeline.artifacts import classifier_config
-from pipeline.data.loader import Augment, build_loader
-from pipeline.data.store import shard_store
+from pipeline.data.loader import Augment
 from pipeline.params import Params
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import evaluate
@@ -32,16 +31,8 @@ class Finetuner(Downstream):
         ).to(rt.device)
         self.net, ddp = wrap(self.model, rt, p.runtime.compile)
         aug = Augment(scale_min=fp.scale_min, randaugment=fp.randaugment, reprob=fp.reprob)
-        self.loader = build_loader(
-            shard_store(p.data),
-            "train",
-            "finetune",
-            batch_size=fp.batch_size,
-            img_size=pre.cfg.image_hw[0],
-            aug=aug,
-            num_workers=p.runtime.num_workers,
-            seed=p.runtime.seed,
-            pin_memory=rt.device.type == "cuda",
+        self.loader = self.loader_for(
+            "train", "finetune", fp.batch_size, pre.cfg.image_hw[0], aug=aug
         )
         self.derive_lr()
         groups = finetune_param_groups(self.model, fp.weight_decay, fp.layer_decay)

@@ -11,8 +11,8 @@ import torch
 from mae import build_linear_probe
 from mae.optim import build_lars
 from pipeline.artifacts import classifier_config
-from pipeline.data.loader import Augment, build_loader
-from pipeline.data.store import shard_store
+from pipeline.data.loader import Augment
+from pipeline.data.memory import to_device
 from pipeline.params import Params
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import encode_split
@@ -34,19 +34,12 @@ class LinearProber(Downstream):
         ).to(rt.device)
         # augment: the pretraining crops, on every epoch; else eval images, encoded once
         purpose, aug = ("pretrain", Augment()) if lp.augment else ("eval", Augment())
-        self.loader = build_loader(
-            shard_store(p.data),
-            "train",
-            purpose,
-            batch_size=lp.batch_size,
-            img_size=pre.cfg.image_hw[0],
-            aug=aug,
-            num_workers=p.runtime.num_workers,
-            seed=p.runtime.seed,
-        )
+        self.loader = self.loader_for("train", purpose, lp.batch_size, pre.cfg.image_hw[0], aug=aug)
         self.model.eval()  # the encoder never trains; the head switches modes itself
         # each rank encodes its share of a split, and every rank gets all its features
         train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
+        if train is not None and self.loader.in_memory:  # beside the images they came from
+            train = tuple(t.to(rt.device) for t in train)
         self.train_cache = train
         self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
         self.derive_lr()
@@ -81,7 +74,7 @@ class LinearProber(Downstream):
         order = torch.randperm(len(labels), generator=self.generator)
         g, rows = self.effective_batch, self.rt.dist.share(self.section.batch_size)
         for i in range(0, len(order) - g + 1, g):
-            idx = order[i : i + g][rows]
+            idx = to_device(order[i : i + g][rows], feats.device)
             yield {"feature": feats[idx], "label": labels[idx]}
 
     def _augmented_batches(self, epoch: int):
@@ -99,8 +92,10 @@ class LinearProber(Downstream):
         return self.loop.run(epoch, batches, self._loss, run, self.history.steps)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        logits = self.head(batch["feature"].to(self.rt.device))
-        return torch.nn.functional.cross_entropy(logits, batch["label"].to(self.rt.device))
+        device = self.rt.device
+        logits = self.head(batch["feature"].to(device, non_blocking=True))
+        labels = batch["label"].to(device, non_blocking=True)
+        return torch.nn.functional.cross_entropy(logits, labels)
 
     def validate(self) -> float:
         feats, labels = self.val_cache

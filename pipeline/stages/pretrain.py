@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -20,13 +19,13 @@ from mae.optim import build_adamw, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
 from pipeline import reports
 from pipeline.artifacts import save_pretrained
-from pipeline.data.loader import build_loader
+from pipeline.data.memory import to_device
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.eval import encode_split
 from pipeline.train.runtime import Runtime, seed_everything, wrap
-from pipeline.train.stage import Stage, run_stage
+from pipeline.train.stage import Stage, run_stage, speed
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -61,20 +60,12 @@ class Pretrainer(Stage):
         except ValueError as err:
             raise UserError(f"pretrain.mask_ratio: {err} of model {p.model.name}") from None
         self.net, ddp = wrap(self.model, rt, p.runtime.compile)
-        self.loader = build_loader(
-            shards,
-            "train",
-            "pretrain",
-            batch_size=pp.batch_size,
-            img_size=self.model.cfg.image_hw[0],
-            num_workers=p.runtime.num_workers,
-            seed=p.runtime.seed,
-            pin_memory=rt.device.type == "cuda",
-        )
+        img_size = self.model.cfg.image_hw[0]
+        self.loader = self.loader_for("train", "pretrain", pp.batch_size, img_size)
         self.derive_lr()
         self.optimizer = build_adamw(pretrain_param_groups(self.model, pp.weight_decay), self.lr)
         self.generator = torch.Generator().manual_seed(p.runtime.seed)  # masks and crops
-        self.probe = KnnProbe(p, shards, self.manifest, self.model, rt) if pp.probe_every else None
+        self.probe = KnnProbe(self, img_size) if pp.probe_every else None
         self.loop = self.build_loop(len(self.loader), ddp)
 
     def key(self) -> tuple:
@@ -93,11 +84,21 @@ class Pretrainer(Stage):
             "pretrain.lr": self.lr,
             "pretrain.effective_batch": self.effective_batch,
             "pretrain.patches_kept": keep_count(cfg.num_patches, self.pp.mask_ratio),
+            "data.train_in_memory": self.loader.in_memory,  # what data.in_memory resolved to
         }
 
     def begin(self) -> None:
         if self.rt.dist.main:  # the same images and masks in every grid
-            self.fixed = _fixed_val_images(self.p, self.manifest, self.model)
+            self.fixed = self._fixed_val_images()
+
+    def _fixed_val_images(self, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same validation images and masks at every epoch, for comparable grids."""
+        split = "val" if self.manifest["splits"]["val"]["count"] else "train"
+        loader = self.loader_for(split, "eval", n, self.model.cfg.image_hw[0])
+        imgs = loader.images(next(iter(loader)), self.rt.device)
+        masking = torch.Generator().manual_seed(self.p.runtime.seed)
+        noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=masking)
+        return imgs, noise.to(self.rt.device)
 
     def train_epoch(self, epoch: int, run) -> dict:
         self.net.train()
@@ -118,9 +119,9 @@ class Pretrainer(Stage):
         # drawn for the global batch, this rank's rows kept: ranks do not change the masks
         n = imgs.shape[0]
         noise = torch.rand(n * d.world_size, self.model.cfg.num_patches, generator=self.generator)
-        noise = noise[d.share(n)]
+        noise = to_device(noise[d.share(n)], self.rt.device)
         with self.rt.autocast():
-            loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise.to(self.rt.device))
+            loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise)
         return loss
 
     @torch.no_grad()
@@ -128,9 +129,7 @@ class Pretrainer(Stage):
         imgs, noise = self.fixed
         model = self.model.eval()
         with self.rt.autocast():
-            _, pred, mask = model(
-                imgs.to(self.rt.device), self.pp.mask_ratio, noise.to(self.rt.device)
-            )
+            _, pred, mask = model(imgs, self.pp.mask_ratio, noise)
         model.train()
         scale = max(1, 112 // imgs.shape[-1])  # small images: enlarge for the eye
         m, sd = self.manifest["mean"], self.manifest["std"]
@@ -147,11 +146,7 @@ class Pretrainer(Stage):
         reports.plot_curve(plots / "loss.png", steps, "step", ["loss", "lr"], run.id)
         run.log_file(plots / "loss.png", "plots")
         epochs = self.history.epochs
-        metrics = {
-            "loss": epochs[-1]["loss"],
-            "img_per_s": sum(e["img_per_s"] for e in epochs) / len(epochs),
-            "minutes": sum(e["seconds"] for e in epochs) / 60,  # training alone
-        }
+        metrics = {"loss": epochs[-1]["loss"], **speed(epochs)}
         probes = [e for e in epochs if "knn_top1" in e]
         curve = [{"epoch": e["epoch"], "knn_top1": e["knn_top1"]} for e in probes]
         reports.write_curve(plots / "knn.csv", curve, fields=["epoch", "knn_top1"])
@@ -171,29 +166,22 @@ class KnnProbe:
     and of the val split (the queries), cosine k-NN vote; -> val top-1. Every rank encodes
     its share of each split. With `pretrain.knn_bank` the bank is the first that many
     train samples in shard order (the shard stage's seeded shuffle: a fixed random subset,
-    rounded up to whole batches), so a probe costs less than a pass over the split."""
+    rounded up to whole batches), so a probe costs less than a pass over the split. A
+    split held in memory for training is read from there."""
 
-    def __init__(self, p: Params, shards: Path, manifest: dict, model, rt: Runtime) -> None:
-        if not manifest["splits"]["val"]["count"]:
+    def __init__(self, stage: Pretrainer, img_size: int) -> None:
+        if not stage.manifest["splits"]["val"]["count"]:
             raise UserError(
                 "the val split is empty: the k-NN probe queries it (set data.val_fraction "
                 "above 0, or pretrain.probe_every to 0)"
             )
-        self.model, self.rt, self.pp = model, rt, p.pretrain
-        bank, world = p.pretrain.knn_bank, rt.dist.world_size
+        self.model, self.rt, self.pp = stage.model, stage.rt, stage.pp
+        bank, world = self.pp.knn_bank, self.rt.dist.world_size
         batch = 1024 if bank is None else min(1024, math.ceil(bank / world))
         self.bank_batches = None if bank is None else math.ceil(bank / (batch * world))
-        self.num_classes = len(manifest["classes"])
+        self.num_classes = len(stage.manifest["classes"])
         self.loaders = [
-            build_loader(
-                shards,
-                split,
-                "eval",
-                batch_size=batch,
-                img_size=model.cfg.image_hw[0],
-                num_workers=p.runtime.num_workers,
-            )
-            for split in ("train", "val")
+            stage.loader_for(split, "eval", batch, img_size) for split in ("train", "val")
         ]
 
     def _encode(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -205,8 +193,9 @@ class KnnProbe:
         self.model.eval()
         rt = self.rt
         train, val = self.loaders
-        bank_loader = islice(train, self.bank_batches)  # None: all of it
-        bank, bank_labels = encode_split(bank_loader, self._encode, rt.device, rt.dist)
+        bank, bank_labels = encode_split(
+            train, self._encode, rt.device, rt.dist, max_batches=self.bank_batches
+        )
         queries, labels = encode_split(val, self._encode, rt.device, rt.dist)
         self.model.train()
         pred = knn_predict(
@@ -214,14 +203,3 @@ class KnnProbe:
         )
         top1 = (pred == labels).float().mean().item()
         return {"knn_top1": top1, "knn_s": time.perf_counter() - start}
-
-
-def _fixed_val_images(p: Params, manifest: dict, model, n: int = 8):
-    """The same validation images and masks at every epoch, for comparable grids."""
-    split = "val" if manifest["splits"]["val"]["count"] else "train"
-    size = model.cfg.image_hw[0]
-    loader = build_loader(shard_store(p.data), split, "eval", batch_size=n, img_size=size)
-    imgs = next(iter(loader))["image"]
-    masking = torch.Generator().manual_seed(p.runtime.seed)
-    noise = torch.rand(imgs.shape[0], model.cfg.num_patches, generator=masking)
-    return imgs, noise

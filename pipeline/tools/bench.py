@@ -16,7 +16,7 @@ from mae.baseline import MaskTokensInEncoderMAE
 from mae.flops import mae_step_flops
 from mae.model import MaskedAutoencoderViT
 from mae.optim import build_adamw, pretrain_param_groups
-from pipeline.train.runtime import Runtime
+from pipeline.train.runtime import Runtime, compiled
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
 # piece of `torch.cuda.get_device_name()`; the first match wins. --peak-tflops overrides.
@@ -45,8 +45,9 @@ class StepBench:
     model: str
     device: str
     precision: str
-    compile: bool
-    data: str  # synthetic (one batch on the device) | shards (the pretrain loader)
+    compile: bool | str  # False, or torch.compile's mode (True: "default")
+    data: str  # synthetic (one batch on the device) | shards | memory (the pretrain loader,
+    # streaming or over the split held in memory)
     img_size: int
     batch_size: int
     mask_ratio: float
@@ -70,7 +71,7 @@ class StepBench:
     def line(self) -> str:
         lines = [
             f"{self.model} {self.img_size}px on {self.device} ({self.precision}"
-            f"{', compiled' if self.compile else ''}, {self.threads} threads), batch "
+            f"{_compiled_label(self.compile)}, {self.threads} threads), batch "
             f"{self.batch_size}, mask {self.mask_ratio}, {self.data} data:",
             f"  {self.img_per_s:,.0f} img/s; step {self.step_ms:.1f} ms = data wait "
             f"{self.data_ms:.1f} ms + compute {self.compute_ms:.1f} ms ({self.steps} steps)",
@@ -84,6 +85,12 @@ class StepBench:
                 f"the encoder ({self.baseline_compute_ms:.1f} ms compute/step)"
             )
         return "\n".join(lines)
+
+
+def _compiled_label(mode: bool | str) -> str:
+    if mode is False:
+        return ""
+    return ", compiled" if mode in (True, "default") else f", compiled {mode}"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -112,22 +119,29 @@ def _from_shards(loader, device: torch.device) -> Iterator[torch.Tensor]:
         epoch += 1
 
 
-def shards_loader(params: Path, model: str, img_size: int | None, batch_size: int):
-    """The pretrain loader over `params`' shards, as the pretrain stage builds it."""
+def shards_loader(
+    params: Path, model: str, img_size: int | None, batch_size: int, in_memory: bool, device: str
+):
+    """The pretrain loader over `params`' shards, as the pretrain stage builds it: streamed,
+    or over the train split held in memory on `device` (decoded here, before any timing)."""
     from pipeline.data.loader import build_loader
     from pipeline.data.store import shard_store
     from pipeline.params import load_params
 
     p = load_params(params)
-    return build_loader(
+    loader = build_loader(
         shard_store(p.data),
         "train",
         "pretrain",
         batch_size=batch_size,
         img_size=img_size or mae_config(model).image_hw[0],
         num_workers=p.runtime.num_workers,
-        pin_memory=torch.cuda.is_available(),
+        in_memory=in_memory,
+        device=resolve_device(device),
     )
+    if in_memory:
+        next(iter(loader))
+    return loader
 
 
 def _time_steps(
@@ -137,13 +151,13 @@ def _time_steps(
     steps: int,
     warmup: int,
     autocast: Callable,
-    compile: bool,
+    compile: bool | str,
     official: bool = False,
 ) -> tuple[float, float]:
     """-> (mean data wait, mean compute) in seconds per step, after `warmup` steps. With
     `official`, the official code's step: fp16 loss scaling and the default (foreach) AdamW."""
     device = next(model.parameters()).device
-    net = torch.compile(model) if compile else model
+    net = compiled(model, compile)
     groups = pretrain_param_groups(model, 0.05)
     opt = build_adamw(groups, lr=1e-4, fused=False if official else None)
     scaler = torch.amp.GradScaler(device.type, enabled=official)
@@ -158,6 +172,8 @@ def _time_steps(
         imgs = next(batches)
         sync()
         t1 = time.perf_counter()
+        if compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
             loss, _, _ = net(imgs, mask_ratio)
         opt.zero_grad(set_to_none=True)
@@ -195,7 +211,7 @@ def bench_train_step(
     warmup: int = 3,
     device: str = "auto",
     precision: str = "auto",
-    compile: bool = False,
+    compile: bool | str = False,
     img_size: int | None = None,
     loader=None,
     baseline: bool = True,
@@ -203,7 +219,7 @@ def bench_train_step(
     seed: int = 0,
 ) -> StepBench:
     """Time `steps` training steps (forward + backward + AdamW) after `warmup` untimed ones,
-    on synthetic images or on `loader`'s (a pretrain ShardLoader); with `baseline`, the
+    on synthetic images or on `loader`'s (a pretrain Loader); with `baseline`, the
     same for the model with mask tokens through its encoder."""
     torch.manual_seed(seed)
     dev = resolve_device(device)
@@ -238,7 +254,7 @@ def bench_train_step(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         precision=precision,
         compile=compile,
-        data="synthetic" if loader is None else "shards",
+        data="synthetic" if loader is None else "memory" if loader.in_memory else "shards",
         img_size=cfg.image_hw[0],
         batch_size=batch_size,
         mask_ratio=mask_ratio,

@@ -3,6 +3,8 @@ stage and `mae-cli evaluate --run-id` all call `evaluate`), and a split's featur
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 
 from pipeline.errors import UserError
@@ -11,13 +13,18 @@ from pipeline.train.distributed import Dist
 
 
 @torch.no_grad()
-def encode_split(loader, encode, device: torch.device, dist: Dist = Dist()):
-    """A split's features and labels: each rank encodes its share (`encode`: a batch of
-    images on `device` -> (n, D)), and every rank gets them all. -> (features, labels)."""
+def encode_split(
+    loader, encode, device: torch.device, dist: Dist = Dist(), max_batches: int | None = None
+):
+    """A split's features and labels on the host: each rank encodes its share (`encode`: a
+    batch of images on `device` -> (n, D)), its first `max_batches` batches (None: all),
+    and every rank gets them all. -> (features (N, D) float32, labels (N,) int64)."""
     feats, labels = Rows(), Rows()
-    for batch in progress(loader, desc="features", enabled=dist.main):
-        feats.add(encode(batch["image"].to(device, non_blocking=True)).float().cpu())
-        labels.add(batch["label"])
+    batches = islice(loader, max_batches)
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    for batch in progress(batches, total=total, desc="features", enabled=dist.main):
+        feats.add(encode(loader.images(batch, device)).float().cpu())
+        labels.add(batch["label"].cpu())
     shares = dist.gather((feats.tensor(), labels.tensor()))
     return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
 
@@ -70,23 +77,24 @@ def evaluate(
 
     Under several ranks each evaluates its share of the split; the counts are summed."""
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    top5 = 0
+    # counted on the device: the host reads them once, at the end
+    counts = torch.zeros(num_classes**2 + 1, dtype=torch.long, device=device)
     images: dict[str, list] = {"key": [], "label": [], "probabilities": []}
     for batch in progress(loader, desc="evaluate", enabled=dist.main):
-        imgs, labels = batch["image"].to(device, non_blocking=True), batch["label"]
+        imgs = loader.images(batch, device)
+        labels = batch["label"].to(device, non_blocking=True)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(imgs).float().cpu()
+            logits = model(imgs).float()
         if per_image:
             images["key"] += batch["key"]
             images["label"] += labels.tolist()
             images["probabilities"] += logits.softmax(dim=1).tolist()
         k = min(5, num_classes)
-        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
-        confusion += torch.bincount(
+        counts[-1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
+        counts[:-1] += torch.bincount(
             labels * num_classes + logits.argmax(1), minlength=num_classes**2
-        ).view(num_classes, num_classes)
-    counts = dist.sum(torch.cat([confusion.flatten(), torch.tensor([top5])]))
+        )
+    counts = dist.sum(counts).cpu()
     confusion, top5 = counts[:-1].view(num_classes, num_classes), int(counts[-1])
     total = int(confusion.sum())
     if total == 0:

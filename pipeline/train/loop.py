@@ -33,6 +33,40 @@ def schedule(section: Any, lr: float):
     )
 
 
+@contextlib.contextmanager
+def log_point():
+    """Where the loop waits for the device on purpose (a logged loss, the epoch's end).
+    Anywhere else, a host sync on the training path is a bug: under
+    `torch.cuda.set_sync_debug_mode("error")` (the GPU test) it raises, here it does not."""
+    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+class Waited:
+    """An iterator's items, and the seconds the host spent waiting for them (`seconds`): a
+    loader that keeps up costs next to nothing here."""
+
+    def __init__(self, items) -> None:
+        self.items, self.seconds = iter(items), 0.0
+
+    def __iter__(self) -> Waited:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 @dataclass
 class History:
     """What a stage plots and resumes: per logged step and per epoch."""
@@ -63,14 +97,18 @@ class EpochLoop:
     dist: Dist = field(default_factory=Dist)
     ddp: Any = None  # the DistributedDataParallel module, for `no_sync` while accumulating
     system: Any = dict  # () -> system metrics logged with each train/loss point ({}: none)
+    graphs: bool = False  # the step replays CUDA graphs (runtime.compile: reduce-overhead)
 
     def run(self, epoch: int, batches, forward, run, history: list[dict]) -> dict:
+        """One epoch over `batches` -> its summary: epoch, loss (the mean), img_per_s,
+        seconds, data_s (of them, waiting for batches)."""
         micro_steps = self.steps_per_epoch * self.accum_iter
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
         losses, images, start = [], 0, time.perf_counter()  # losses stay on the device
         step, lr = epoch * self.steps_per_epoch, self.lr_fn(epoch)
         bar = progress(total=micro_steps, desc=f"epoch {epoch + 1}", enabled=self.dist.main)
+        batches = Waited(batches)
         for it, batch in enumerate(batches):
             if it >= micro_steps:
                 break  # a partial accumulation at the end of an epoch is not applied
@@ -78,10 +116,13 @@ class EpochLoop:
                 lr = self.lr_fn(epoch + it / micro_steps)
                 set_lr(optimizer, lr)
             last = (it + 1) % self.accum_iter == 0
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with self._sync(last):
                 loss = forward(batch)
                 (loss / self.accum_iter).backward()
-            losses.append(loss.detach().float())
+            # a copy: a CUDA graph's next replay overwrites its outputs
+            losses.append(loss.detach().float().clone() if self.graphs else loss.detach().float())
             images += len(batch["label"])
             bar.update()
             if last:
@@ -92,24 +133,26 @@ class EpochLoop:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % self.log_every == 0:
-                    value = self._mean(losses[-1])
-                    self._check(value, epoch, losses)
-                    history.append(
-                        {"step": step, "epoch": epoch + it / micro_steps, "loss": value, "lr": lr}
-                    )
-                    logged = {"train/loss": value, "train/lr": lr, **self.system()}
-                    run.log_metrics(logged, step=step)
+                    with log_point():
+                        value = self._mean(losses[-1])
+                        self._check(value, epoch, losses)
+                        point = {"step": step, "epoch": epoch + it / micro_steps}
+                        history.append({**point, "loss": value, "lr": lr})
+                        logged = {"train/loss": value, "train/lr": lr, **self.system()}
+                        run.log_metrics(logged, step=step)
                     rate = images * self.dist.world_size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:,.0f}")
         bar.close()
-        mean = self._mean(torch.stack(losses).mean()) if losses else 0.0
-        self._check(mean, epoch, losses)
+        with log_point():
+            mean = self._mean(torch.stack(losses).mean()) if losses else 0.0
+            self._check(mean, epoch, losses)
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch + 1,
             "loss": mean,
             "img_per_s": images * self.dist.world_size / seconds,
             "seconds": seconds,
+            "data_s": batches.seconds,
         }
 
     def _sync(self, last: bool):

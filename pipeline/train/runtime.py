@@ -48,11 +48,12 @@ def resolve_runtime(p: RuntimeParams) -> Runtime:
     return Runtime(device, torch.bfloat16 if bf16 else None, d)
 
 
-def wrap(model: torch.nn.Module, rt: Runtime, compile: bool):
+def wrap(model: torch.nn.Module, rt: Runtime, compile: bool | str):
     """-> (the module the training step calls, the DDP wrapper or None).
 
     Under several ranks the model goes into DistributedDataParallel (gradients averaged
-    over ranks in backward); `compile` then compiles the wrapper, as PyTorch recommends.
+    over ranks in backward); `compile` (`runtime.compile`) then compiles the wrapper, as
+    PyTorch recommends.
     """
     net, ddp = model, None
     if rt.dist.enabled:
@@ -60,7 +61,22 @@ def wrap(model: torch.nn.Module, rt: Runtime, compile: bool):
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         net = ddp = DistributedDataParallel(model, device_ids=ids)
-    return (torch.compile(net) if compile else net), ddp
+    return compiled(net, compile), ddp
+
+
+def compiled(module: torch.nn.Module, compile: bool | str):
+    """`module` as `runtime.compile` says: itself (false), or `torch.compile`d in the mode
+    it names (true: "default"). "reduce-overhead" replays CUDA graphs: a training loop
+    must then call `torch.compiler.cudagraph_mark_step_begin()` before each step, and
+    clone what it keeps of a step's outputs (the next replay overwrites them)."""
+    if compile is False:
+        return module
+    return torch.compile(module, mode=None if compile in (True, "default") else compile)
+
+
+def graphs(compile: bool | str) -> bool:
+    """Whether `runtime.compile` replays CUDA graphs (see `compiled`)."""
+    return compile == "reduce-overhead"
 
 
 def seed_everything(seed: int) -> None:

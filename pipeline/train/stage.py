@@ -22,12 +22,13 @@ import torch
 from mae.optim import absolute_lr
 from pipeline import reports, tracking
 from pipeline.artifacts import staged
+from pipeline.data.loader import Loader, build_loader
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.checkpoint import Checkpoints, params_key, rng_state
 from pipeline.train.loop import EpochLoop, History, schedule
-from pipeline.train.runtime import Runtime, resolve_runtime, seed_rank
+from pipeline.train.runtime import Runtime, graphs, resolve_runtime, seed_rank
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,25 @@ class Stage:
             system=tracking.SystemMetrics().sample
             if self.p.tracking.system_metrics and self.rt.dist.main
             else dict,
+            graphs=graphs(self.p.runtime.compile),
+        )
+
+    def loader_for(self, split: str, purpose: str, batch_size: int, img_size: int, **kw) -> Loader:
+        """`split` of the run's shards for `purpose` ("pretrain", "finetune", "eval") as
+        params.yaml says (workers, seed, `data.in_memory`), on this process's device;
+        `kw`: more of `build_loader`'s options (`aug`)."""
+        p = self.p
+        return build_loader(
+            shard_store(p.data),
+            split,
+            purpose,
+            batch_size=batch_size,
+            img_size=img_size,
+            num_workers=p.runtime.num_workers,
+            seed=p.runtime.seed,
+            in_memory=p.data.in_memory,
+            device=self.rt.device,
+            **kw,
         )
 
     # ---------------------------------------------------------------- the hooks
@@ -186,7 +206,7 @@ def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
 
 
 def _epoch_metrics(stage: str, summary: dict) -> dict:
-    metrics = {f"epoch/{k}": summary[k] for k in ("loss", "img_per_s", "seconds")}
+    metrics = {f"epoch/{k}": summary[k] for k in ("loss", "img_per_s", "seconds", "data_s")}
     if "val_top1" in summary:
         metrics["val/top1"] = summary["val_top1"]
     if "knn_top1" in summary:
@@ -202,8 +222,19 @@ def _epoch_line(stage: str, epochs: int, e: dict) -> str:
     )
     return (
         f"{stage} epoch {e['epoch']}/{epochs}: loss {e['loss']:.4f}{scores}, "
-        f"{e['img_per_s']:.0f} img/s, {e['seconds']:.1f} s"
+        f"{e['img_per_s']:.0f} img/s, {e['seconds']:.1f} s ({e['data_s']:.1f} s waiting for data)"
     )
+
+
+def speed(epochs: list[dict]) -> dict:
+    """The metrics every training stage reports of its speed: mean img/s, minutes of
+    training, and the fraction of them spent waiting for data."""
+    seconds = sum(e["seconds"] for e in epochs)
+    return {
+        "img_per_s": sum(e["img_per_s"] for e in epochs) / len(epochs),
+        "minutes": seconds / 60,  # training alone
+        "data_wait": sum(e.get("data_s", 0.0) for e in epochs) / seconds,
+    }
 
 
 def _finish(s: Stage, run) -> None:

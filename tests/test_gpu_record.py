@@ -1,0 +1,59 @@
+"""The one-call GPU script rehearsed on the CPU with a cut schedule: every stage it runs on a
+GPU machine runs here, and its record holds the figures the GPU issue asks for."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.factory import ROOT, idx_dataset
+
+CUT = {
+    "data.source": "idx",
+    "model.name": "mae_vit_test",
+    "pretrain.epochs": 2,
+    "pretrain.warmup_epochs": 1,
+    "pretrain.batch_size": 32,
+    "pretrain.probe_every": 2,
+    "pretrain.recon_every": 1,
+    "finetune.epochs": 1,
+    "finetune.warmup_epochs": 0,
+    "finetune.batch_size": 32,
+    "linprobe.epochs": 2,
+    "linprobe.warmup_epochs": 1,
+    "linprobe.batch_size": 32,
+    "runtime.num_workers": 0,
+    "runtime.device": "cpu",
+}
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_the_recipe_cut_short_and_records_its_figures(tmp_path):
+    idx_dataset(tmp_path / "raw", n_train=200, n_test=60, size=16)
+    sets = [arg for k, v in CUT.items() for arg in ("--set", f"{k}={v}")]
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, "scripts/gpu_record.py", str(out), "--data-root", str(tmp_path / "raw"),
+           "--work", str(work), "--bench", "--commit", "abc", *sets]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((out / "record.json").read_text())
+    assert record["commit"] == "abc" and "torch" in record["software"] and record["date"]
+    assert record["params"]["model.name"] == "mae_vit_test"  # the cut over the recipe
+    assert record["params"]["finetune.layer_decay"] == 0.75  # the recipe over params.yaml
+    assert [s for s, e in record["stages"].items() if e["exit"] == 0] == [
+        "shard", "pretrain", "finetune", "scratch", "linprobe", "evaluate"
+    ]  # fmt: skip
+    results = record["results"]
+    for key in ("finetune_top1", "scratch_top1", "linprobe_top1"):
+        assert 0 < results[key] <= 1
+    assert results["mae_gain"] == pytest.approx(results["finetune_top1"] - results["scratch_top1"])
+    for stage in ("pretrain", "finetune", "scratch"):
+        speed = results[stage]
+        assert speed["img_per_s"] > 0 and speed["minutes"] > 0 and 0 <= speed["data_wait"] < 1
+    assert 0 <= results["pretrain"]["knn_top1"] <= 1
+    assert [b["data"] for b in record["bench"]] == ["shards", "memory"]
+    assert all(b["img_per_s"] > 0 for b in record["bench"])
+    assert (out / "pretrain.log").is_file() and not (out / "mlflow.db").exists()
+    # everything else stays in the work folder, which a GPU run does not send back
+    assert (work / "mlflow.db").is_file() and (work / "models/finetune/run_id").is_file()
