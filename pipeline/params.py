@@ -10,6 +10,7 @@ is merged over params.yaml first: `merge`.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -251,10 +252,34 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1) that also reads the numbers YAML 1.2 writes.
+
+    `dvc exp run -S` writes params.yaml back with a YAML 1.2 dumper (ruamel): 0.000001
+    becomes `1e-06`, which YAML 1.1 has no float for (it needs a dot), so PyYAML returned
+    the string '1e-06'. Plain scalars that YAML 1.2's core schema reads as numbers (floats
+    without a dot, with an exponent; `0o` octals) load as those numbers here; quoted ones
+    stay strings.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^0o[0-7]+$"), list("0"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python, every number a YAML 1.1 or 1.2 writer may produce as a number."""
+    return yaml.load(text, Loader=ParamsLoader)
+
+
 def read_yaml(path: Path | str) -> Any:
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
     except FileNotFoundError:
         raise UserError(f"params file not found: {path}") from None
     except (IsADirectoryError, UnicodeDecodeError):

@@ -114,14 +114,14 @@ def _write_params(path: Path, args: argparse.Namespace) -> dict:
     every output and the MLflow store inside the work folder."""
     import yaml
 
-    from pipeline.params import flatten, merge, parse_params, read_yaml
+    from pipeline.params import flatten, load_yaml, merge, parse_params, read_yaml
 
     params = merge(read_yaml(ROOT / "params.yaml"), read_yaml(args.recipe) or {})
     sets = [f"data.root={args.data_root}"] if args.data_root else []
     for item in sets + args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
-        params = merge(params, {section: {name: yaml.safe_load(value)}})
+        params = merge(params, {section: {name: load_yaml(value)}})
     root = params["data"]["root"]
     params["data"]["root"] = str(Path(root).resolve()) if not Path(root).is_absolute() else root
     params["tracking"]["uri"] = f"sqlite:///{path.parent / 'mlflow.db'}"

@@ -96,7 +96,11 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
         assert files and all((clone / f).read_bytes() == (repo / f).read_bytes() for f in files)
 
     # Another mask ratio: everything downstream of pretraining re-runs, the control does not.
-    out = run_cmd(["dvc", "exp", "run", "-S", "pretrain.mask_ratio=0.5"], repo)
+    # DVC writes params.yaml back in YAML 1.2: 0.00001 becomes `1e-05`, which every stage
+    # must still read as a number (data.cache_max_gb changes no result: one series below).
+    set_ = ["-S", "pretrain.mask_ratio=0.5", "-S", "data.cache_max_gb=0.00001"]
+    out = run_cmd(["dvc", "exp", "run", *set_], repo)
+    assert "cache_max_gb: 1e-05" in (repo / "params.yaml").read_text()
     assert "Running stage 'pretrain'" in out and "Running stage 'scratch'" not in out
     rows = json.loads(
         run_cmd(

@@ -148,3 +148,38 @@ def test_switches_that_take_a_bool_or_a_named_choice(key, value, ok):
     else:
         with pytest.raises(UserError, match=rf"^{key}: "):
             parse_params(raw)
+
+
+def test_numbers_dvc_writes_back_load_as_numbers(tmp_path):
+    """`dvc exp run -S finetune.min_lr=0.000001` rewrites params.yaml with DVC's YAML 1.2
+    dumper: `min_lr: 1e-06`, a string to YAML 1.1. Written here by DVC's own code."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(project_params()))
+    with modify_yaml(path) as raw:
+        raw["finetune"]["min_lr"] = 0.000001
+        raw["pretrain"]["weight_decay"] = 0.00005
+        raw["linprobe"]["blr"] = 1e20
+    text = path.read_text()
+    assert "min_lr: 1e-06" in text and "weight_decay: 5e-05" in text  # what DVC writes
+    p = load_params(path)
+    assert p.finetune.min_lr == 1e-6 and p.pretrain.weight_decay == 5e-5
+    assert p.linprobe.blr == 1e20
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1E-5", 1e-5), ("+2e3", 2000.0), (".5", 0.5), ("5.", 5.0), ("1.0e-6", 1e-6), ("3", 3)],
+)
+def test_every_yaml_1_1_or_1_2_number_loads_as_a_number_and_a_quoted_one_does_not(
+    tmp_path, text, value
+):
+    path = tmp_path / "params.yaml"
+    params = yaml.safe_dump(project_params(), sort_keys=False)
+    params = params.replace("min_lr: 0.0\n", f"min_lr: {text}\n", 1)  # pretrain.min_lr
+    path.write_text(params)
+    assert load_params(path).pretrain.min_lr == value
+    path.write_text(params.replace(f"min_lr: {text}\n", f"min_lr: '{text}'\n", 1))
+    with pytest.raises(ParamsError, match=r"^pretrain.min_lr: Input should be a valid number"):
+        load_params(path)

@@ -36,6 +36,9 @@ NOT_A_SETTING = (
     "finetune.log_every",
     "linprobe.log_every",
     "data.workers",
+    "data.cache",  # and data.cache_max_gb: where remote shards are kept, not what they hold
+    "data.in_memory",  # and data.train_in_memory: held or streamed, the same batches
+    "data.train_in_memory",
     "runtime.num_workers",
     "runtime.nproc",
     "tracking.",
