@@ -20,7 +20,7 @@ _HOME = {
     "MaskedAutoencoderViT": "mae.model",
     "count_parameters": "mae.model",
     "encoder_state_dict": "mae.model",
-    "keep_count": "mae.model",
+    "keep_count": "mae.config",
 }
 
 

@@ -182,3 +182,13 @@ def mae_config(name: str, **overrides: Any) -> MAEConfig:
     if unknown:
         raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
     return MAEConfig(**{**base, **overrides})
+
+
+def keep_count(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches per sample, int(L * (1 - mask_ratio)) as the official code."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
+    len_keep = int(num_patches * (1 - mask_ratio))
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
+    return len_keep

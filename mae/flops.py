@@ -11,8 +11,7 @@ projection, which needs no gradient for the input images (once, not twice).
 
 from __future__ import annotations
 
-from mae.config import MAEConfig
-from mae.model import keep_count
+from mae.config import MAEConfig, keep_count
 
 
 def vit_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> int:

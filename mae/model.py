@@ -13,7 +13,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mae.config import MAEConfig
+from mae.config import MAEConfig, keep_count
 from mae.pos_embed import sincos_2d
 
 _norm = partial(nn.LayerNorm, eps=1e-6)
@@ -178,16 +178,6 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
-
-
-def keep_count(num_patches: int, mask_ratio: float) -> int:
-    """Visible patches per sample, int(L * (1 - mask_ratio)) as the official code."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
-    len_keep = int(num_patches * (1 - mask_ratio))
-    if len_keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
-    return len_keep
 
 
 def encoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ParamsError, UserError
@@ -190,6 +191,13 @@ class Params(Section):
     runtime: RuntimeParams
     tracking: TrackingParams
     paths: PathsParams
+
+    @model_validator(mode="after")
+    def _trainable(self) -> Params:
+        from pipeline.trainable import check_trainable
+
+        check_trainable(self)  # raises ParamsError, which pydantic lets through
+        return self
 
 
 def flatten(obj: BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -183,3 +183,29 @@ def test_every_yaml_1_1_or_1_2_number_loads_as_a_number_and_a_quoted_one_does_no
     path.write_text(params.replace(f"min_lr: {text}\n", f"min_lr: '{text}'\n", 1))
     with pytest.raises(ParamsError, match=r"^pretrain.min_lr: Input should be a valid number"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"pretrain": {"mask_ratio": 0.0}}, "pretrain.mask_ratio: 0.0 masks none of the 16"),
+        ({"pretrain": {"mask_ratio": 0.95}}, "pretrain.mask_ratio: mask_ratio 0.95 leaves no"),
+        ({"finetune": {"cutmix": 1.0, "batch_size": 7}}, "finetune.batch_size: 7 is odd"),
+        ({"linprobe": {"batch_size": 1}}, "linprobe.batch_size: 1: the probe's BatchNorm"),
+        ({"pretrain": {"knn_bank": 10}}, "pretrain.knn_k: 20 neighbours, but the k-NN bank"),
+    ],
+)
+def test_values_that_cannot_train_together_are_refused_naming_the_key(raw, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(project_params(raw))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_values_near_those_limits_still_train():
+    near = {
+        "pretrain": {"mask_ratio": 0.01, "knn_bank": 20},  # 1 patch of 16 masked; k = bank
+        "finetune": {"mixup": 0.8, "batch_size": 32},
+        "linprobe": {"batch_size": 2},
+    }
+    assert parse_params(project_params(near)).pretrain.mask_ratio == 0.01
+    assert parse_params(project_params({"pretrain": {"probe_every": 0, "knn_bank": 1}}))

@@ -35,13 +35,6 @@ class LinearProber(Downstream):
         # augment: the pretraining crops, on every epoch; else eval images, encoded once
         purpose, aug = ("pretrain", Augment()) if lp.augment else ("eval", Augment())
         self.loader = self.loader_for("train", purpose, lp.batch_size, pre.cfg.image_hw[0], aug=aug)
-        self.model.eval()  # the encoder never trains; the head switches modes itself
-        # each rank encodes its share of a split, and every rank gets all its features
-        train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
-        if train is not None and self.loader.in_memory:  # beside the images they came from
-            train = tuple(t.to(rt.device) for t in train)
-        self.train_cache = train
-        self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
         self.derive_lr()
         # DDP over the head alone: the frozen encoder has no gradients to average
         self.head, ddp = wrap(self.model.head, rt, compile=False)
@@ -52,8 +45,16 @@ class LinearProber(Downstream):
             self.optimizer = torch.optim.SGD(
                 head, lr=self.lr, momentum=0.9, weight_decay=lp.weight_decay
             )
-        batches = len(self.loader) if lp.augment else len(train[1]) // self.effective_batch
-        self.loop = self.build_loop(batches, ddp)
+        count = self.manifest["splits"]["train"]["count"]  # cached: each feature once
+        batches = len(self.loader) if lp.augment else count // self.effective_batch
+        self.loop = self.build_loop(batches, ddp)  # a batch above the split fails here, first
+        self.model.eval()  # the encoder never trains; the head switches modes itself
+        # each rank encodes its share of a split, and every rank gets all its features
+        train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
+        if train is not None and self.loader.in_memory:  # beside the images they came from
+            train = tuple(t.to(rt.device) for t in train)
+        self.train_cache = train
+        self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
         self.config = classifier_config(
             self.name, pre.cfg, self.manifest, self.digest, POOL[lp.pool]
         )

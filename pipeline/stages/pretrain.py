@@ -54,11 +54,7 @@ class Pretrainer(Stage):
         shards = shard_store(p.data)
         self.manifest, self.digest = shards.manifest(), shards.digest()
         seed_everything(p.runtime.seed)  # the same initial weights on every rank
-        self.model = build_model(p, self.manifest).to(rt.device)
-        try:  # before the MLflow run starts: no FAILED run for a bad value
-            keep_count(self.model.cfg.num_patches, pp.mask_ratio)
-        except ValueError as err:
-            raise UserError(f"pretrain.mask_ratio: {err} of model {p.model.name}") from None
+        self.model = build_model(p, self.manifest).to(rt.device)  # mask_ratio fits: params
         self.net, ddp = wrap(self.model, rt, p.runtime.compile)
         img_size = self.model.cfg.image_hw[0]
         self.loader = self.loader_for("train", "pretrain", pp.batch_size, img_size)
@@ -177,6 +173,12 @@ class KnnProbe:
             )
         self.model, self.rt, self.pp = stage.model, stage.rt, stage.pp
         bank, world = self.pp.knn_bank, self.rt.dist.world_size
+        count = stage.manifest["splits"]["train"]["count"]
+        if self.pp.knn_k > min(count, bank or count):
+            raise UserError(
+                f"pretrain.knn_k: {self.pp.knn_k} neighbours, but the k-NN bank holds "
+                f"{min(count, bank or count)} images (the train split's)"
+            )
         batch = 1024 if bank is None else min(1024, math.ceil(bank / world))
         self.bank_batches = None if bank is None else math.ceil(bank / (batch * world))
         self.num_classes = len(stage.manifest["classes"])

@@ -1,0 +1,74 @@
+"""Combinations of params.yaml values that pass each key's own checks but cannot train:
+found when params.yaml is read, before any work or MLflow run, each named by the key to
+change and why (`ParamsError`). What needs the data (a batch larger than the train split)
+is checked by the stages, still before their MLflow run."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ParamsError
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+
+def check_trainable(p: Params) -> None:
+    """Raise ParamsError for the first combination of `p` that cannot train."""
+    for check in (_mask_ratio, _mixup_batch, _probe_batch, _knn_k):
+        problem = check(p)
+        if problem is not None:
+            raise ParamsError(*problem)
+
+
+def _mask_ratio(p: Params) -> tuple[str, str] | None:
+    """The loss is the error on masked patches only: none masked is 0 / 0 (the paper's
+    Sec. 3, "we compute the loss only on masked patches"), none visible leaves the
+    encoder nothing to see."""
+    from mae.config import keep_count, mae_config
+
+    patches, ratio = mae_config(p.model.name).num_patches, p.pretrain.mask_ratio
+    try:
+        kept = keep_count(patches, ratio)
+    except ValueError as err:
+        return "pretrain.mask_ratio", f"{err} of model {p.model.name}"
+    if kept == patches:
+        return (
+            "pretrain.mask_ratio",
+            f"{ratio} masks none of the {patches} patches of model {p.model.name}: the loss "
+            "is computed on masked patches only",
+        )
+    return None
+
+
+def _mixup_batch(p: Params) -> tuple[str, str] | None:
+    """timm's Mixup pairs each image with another of its batch (the batch flipped)."""
+    f = p.finetune
+    if (f.mixup > 0 or f.cutmix > 0) and f.batch_size % 2:
+        return (
+            "finetune.batch_size",
+            f"{f.batch_size} is odd, but mixup/cutmix (finetune.mixup, finetune.cutmix) pair "
+            "each image with another of its batch: use an even batch size",
+        )
+    return None
+
+
+def _probe_batch(p: Params) -> tuple[str, str] | None:
+    """The linear probe's BatchNorm normalises each feature over the batch."""
+    if p.linprobe.batch_size < 2:
+        return (
+            "linprobe.batch_size",
+            f"{p.linprobe.batch_size}: the probe's BatchNorm needs at least 2 samples a batch",
+        )
+    return None
+
+
+def _knn_k(p: Params) -> tuple[str, str] | None:
+    pp = p.pretrain
+    if pp.probe_every and pp.knn_bank is not None and pp.knn_k > pp.knn_bank:
+        return (
+            "pretrain.knn_k",
+            f"{pp.knn_k} neighbours, but the k-NN bank holds {pp.knn_bank} images "
+            "(pretrain.knn_bank)",
+        )
+    return None
