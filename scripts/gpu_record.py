@@ -10,8 +10,10 @@ Params: params.yaml, then recipes/fashion-mnist-gpu.yaml (`--recipe`), then each
 (a cut schedule for a CPU rehearsal: `tests/test_gpu_record.py`). Stage outputs, the MLflow
 store and the checkpoints go to `--work` (default `.gpu-run`, recreated); OUT gets only the
 figures: `record.json`, rewritten after every stage (a run cut short still says how far it
-got), and each stage's log. `--bench` adds `mae-cli bench step` on the recipe's model fed
-by the streaming loader and by the split held in memory, side by side.
+got), and each stage's log. A stage still running after `--minutes` (default 9: a GPU
+lease cuts a call at 10) is stopped. `--bench` adds `mae-cli bench step` on the recipe's
+model fed by the streaming loader and by the split held in memory, side by side, when a
+minute and a half is left.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,31 +38,42 @@ def main() -> int:
     args = _args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    record = {"what": "the GPU recipe in one call (scripts/gpu_record.py)", **_machine(args)}
+    deadline = time.monotonic() + args.minutes * 60
+    record = {"what": "the GPU recipe in one call (scripts/gpu_record.py)"}
     missing = [m for m in NEEDED if not _importable(m)]
     if missing:
-        record["error"] = f"missing Python packages: {', '.join(missing)}"
-        _save(out, record)
-        print(record["error"], file=sys.stderr)
-        return 2
+        return _fail(out, record, f"missing Python packages: {', '.join(missing)}", 2)
+    record |= _machine(args)
     work = Path(args.work).resolve()
+    if work == ROOT or work in ROOT.parents or (work / ".git").exists():
+        return _fail(out, record, f"--work {work}: not a folder to empty", 2)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    record["params"] = _write_params(work / "params.yaml", args)
+    try:
+        record["params"] = _write_params(work / "params.yaml", args)
+    except Exception as err:  # a bad --set or recipe: said in the record too
+        return _fail(out, record, f"params: {err}", 2)
     record["stages"], start = {}, time.perf_counter()
     for stage in STAGES:
-        ok = _run_stage(stage, work, out, record)
+        ok = _run_stage(stage, work, out, record, deadline)
         record["total_minutes"] = (time.perf_counter() - start) / 60
         _save(out, record)
         if not ok:
             return 1
     record["results"] = _results(work)
-    if args.bench:
-        record["bench"] = [_bench(work, record["params"], data) for data in ("shards", "memory")]
-    record["total_minutes"] = (time.perf_counter() - start) / 60
     _save(out, record)
+    if args.bench and deadline - time.monotonic() > 90:  # two benches: about a minute
+        record["bench"] = [_bench(work, record["params"], data) for data in ("shards", "memory")]
+        _save(out, record)
     print(json.dumps(record["results"], indent=1))
     return 0
+
+
+def _fail(out: Path, record: dict, error: str, code: int) -> int:
+    record["error"] = error
+    _save(out, record)
+    print(error, file=sys.stderr)
+    return code
 
 
 def _args() -> argparse.Namespace:
@@ -73,6 +85,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--work", default=str(ROOT / ".gpu-run"))
     ap.add_argument("--bench", action="store_true", help="also the streaming vs held step")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT"), help="default: git's")
+    ap.add_argument("--minutes", type=float, default=9.0, help="stop a stage past this")
     return ap.parse_args()
 
 
@@ -83,20 +96,22 @@ def _importable(module: str) -> bool:
 
 
 def _machine(args: argparse.Namespace) -> dict:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or 'cpu'})"
-    if cuda:
-        device += f" ({torch.cuda.get_device_properties(0).total_memory // 2**20} MiB)"
-    commit = args.commit or _git("rev-parse", "HEAD")
+    """The device and software, asked in a child process: this one holds no CUDA context."""
+    probe = (
+        "import os, platform, torch; c = torch.cuda.is_available(); p = c and "
+        "torch.cuda.get_device_properties(0); print(f'{p.name} ({p.total_memory // 2**20} MiB)'"
+        " if c else f'CPU ({platform.processor() or platform.machine()})'); "
+        "print(f'python {platform.python_version()}, torch {torch.__version__}' + "
+        "(f', cuda {torch.version.cuda}' if c else ''))"
+    )
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    device, software = [*said.stdout.splitlines(), "unknown", "unknown"][:2]
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": f"{device}, {os.cpu_count()} CPU cores",
-        "software": f"python {platform.python_version()}, torch {torch.__version__}"
-        + (f", cuda {torch.version.cuda}" if cuda else ""),
+        "software": software,
         "command": " ".join(["python", "scripts/gpu_record.py", *sys.argv[1:]]),
-        "commit": commit,
+        "commit": args.commit or _git("rev-parse", "HEAD"),
     }
 
 
@@ -130,17 +145,27 @@ def _write_params(path: Path, args: argparse.Namespace) -> dict:
     return flatten(parse_params(params))
 
 
-def _run_stage(stage: str, work: Path, out: Path, record: dict) -> bool:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+def _env() -> dict:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+
+
+def _run_stage(stage: str, work: Path, out: Path, record: dict, deadline: float) -> bool:
     start = time.perf_counter()
+    argv = [sys.executable, "-m", "pipeline.cli", stage, "--params", "params.yaml"]
     with open(out / f"{stage}.log", "w") as log:
-        code = subprocess.call(
-            [sys.executable, "-m", "pipeline.cli", stage, "--params", "params.yaml"],
-            cwd=work,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        try:
+            code = subprocess.call(
+                argv,
+                cwd=work,
+                env=_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=max(deadline - time.monotonic(), 1),
+            )
+        except subprocess.TimeoutExpired:
+            code = "timed out"  # past --minutes: the record says how far it got
     entry = {"wall_s": round(time.perf_counter() - start, 1), "exit": code}
     metrics = work / "metrics" / f"{stage}.json"
     if code == 0 and metrics.is_file():
@@ -169,11 +194,16 @@ def _bench(work: Path, params: dict, data: str) -> dict:
     argv = [sys.executable, "-m", "pipeline.cli", "bench", "step", "--params", "params.yaml",
             "--model", model, "--batch-size", batch, "--steps", "20", "--warmup", "5",
             "--data", data, "--no-baseline", "--json"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
+    try:
+        done = subprocess.run(
+            argv, cwd=work, env=_env(), capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return {"data": data, "error": "timed out after 120 s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
         return {"data": data, "error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(lines[-1])
 
 
 def _save(out: Path, record: dict) -> None:

@@ -58,3 +58,16 @@ def test_the_gpu_script_runs_the_recipe_cut_short_and_records_its_figures(tmp_pa
     assert (out / "pretrain.log").is_file() and not (out / "mlflow.db").exists()
     # everything else stays in the work folder, which a GPU run does not send back
     assert (work / "mlflow.db").is_file() and (work / "models/finetune/run_id").is_file()
+
+
+def test_a_bad_setting_or_work_folder_stops_the_script_with_a_record_saying_why(tmp_path):
+    def record(*args):
+        cmd = [sys.executable, "scripts/gpu_record.py", str(tmp_path / "out"), *args]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return done.returncode, json.loads((tmp_path / "out/record.json").read_text())
+
+    code, said = record("--work", str(tmp_path / "w"), "--set", "pretrain.epoch=3")
+    assert code == 2 and said["error"].startswith("params: pretrain.epoch: unknown key")
+    code, said = record("--work", str(ROOT))
+    assert code == 2 and said["error"].endswith("not a folder to empty")
+    assert (ROOT / "params.yaml").is_file()

@@ -108,7 +108,7 @@ def test_auto_holds_small_splits_of_one_size_and_streams_the_rest(shards, tmp_pa
         )
 
     assert loader(shards).in_memory and not loader(shards, setting=False).in_memory
-    monkeypatch.setattr(memory, "AUTO_MAX_BYTES", 1000)  # 135 train images of 144 bytes
+    monkeypatch.setattr(memory, "AUTO_MAX_BYTES", 1000)  # 130 train images of 144 bytes
     assert not loader(shards).in_memory and loader(shards, setting=True).in_memory
     monkeypatch.undo()
     per_image = {
@@ -122,6 +122,11 @@ def test_auto_holds_small_splits_of_one_size_and_streams_the_rest(shards, tmp_pa
     # an evaluation at another size resizes each image on the CPU
     with pytest.raises(UserError, match=r"^data.in_memory is true, but the 12x12 images are"):
         build_loader(shards, "train", "eval", batch_size=4, img_size=8, in_memory=True)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 18_000)  # the split: 18,720 B
+    assert not loader(shards).in_memory
+    with pytest.raises(UserError, match=r"^data.in_memory is true, but the train split's"):
+        loader(shards, setting=True)
+    monkeypatch.undo()
     root = imagefolder(tmp_path / "imgs", {"a": 6, "b": 6})
     mixed = folder_params(tmp_path, root, val_fraction=0.25, test_fraction=0.25)
     run_shard(mixed)
@@ -175,3 +180,15 @@ def json_without_times(text: str) -> dict:
         for k, v in json.loads(text).items()
         if k not in ("minutes", "img_per_s", "data_wait", "model_log_seconds")
     }
+
+
+def test_a_decode_that_comes_short_is_an_error_not_empty_rows(shards):
+    from pipeline.data.loader import build_loader as build
+
+    reader = build(shards, "test", "eval", batch_size=8, img_size=12).reader
+
+    def short(batches):
+        yield from reader.read([ids[:-7] for ids in batches])  # 7 samples never arrive
+
+    with pytest.raises(UserError, match=r"the test split gave 40 of its 47 samples"):
+        memory.held(reader, (str(shards), "digest", "test"), CPU, short)

@@ -126,12 +126,13 @@ class InMemory:
         self.reader, self.key, self.device = reader, key, device
 
     def __call__(self, batches: list[np.ndarray], epoch: int = 0) -> Iterator[dict]:
+        # a generator, as Streamed: the decoding (once) counts as waiting for data
         split = held(self.reader, self.key, self.device, self.decode)
         # One draw from the global stream, as a DataLoader's iteration makes for its workers'
         # base seed: what uses that stream (drop path) then draws the values it draws when
         # the split streams. Holding a split changes speed, never results.
         torch.empty((), dtype=torch.int64).random_()
-        return split.batches(batches)
+        yield from split.batches(batches)
 
 
 class Loader:
@@ -229,7 +230,7 @@ def build_loader(
     plan = EpochPlan(
         reader.counts, batch_size, purpose != "eval", seed, rank, world_size, shuffle_window
     )
-    if hold_split(in_memory, manifest, split, per_image):
+    if hold_split(in_memory, manifest, split, per_image, device):
         key = (store.location, store.digest(), split)
         source = InMemory(reader, num_workers, key, device)
     else:

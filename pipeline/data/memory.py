@@ -6,8 +6,10 @@ loader worker, no decoding per epoch and no copy to the device per step. Whether
 is held is `data.in_memory`:
 
 - `auto` (the default): held when it can be and its pixels take at most
-  `AUTO_MAX_BYTES` (2 GiB: CIFAR-sized and Fashion-MNIST-sized sets, not ImageNet);
-- `true`: held, or refused in one line naming the reason;
+  `AUTO_MAX_BYTES` (2 GiB: CIFAR-sized and Fashion-MNIST-sized sets, not ImageNet) and
+  half the memory free (the host's, and the GPU's when training there);
+- `true`: held, or refused in one line naming the reason (a split that does not fit the
+  memory free is one);
 - `false`: streamed from the shards.
 
 A split can be held when its images share one size (IDX sources; an ImageFolder whose
@@ -34,10 +36,13 @@ DECODE_BATCH = 1024  # images per batch of the decoding pass
 _HELD: dict[tuple, HeldSplit] = {}  # per process: (shards, digest, split, device) -> split
 
 
-def hold_split(setting: bool | str, manifest: dict, split: str, per_image: str | None) -> bool:
-    """Whether `split` is held in memory under `data.in_memory` = `setting`; `per_image`
-    says why its images must go through the CPU one by one (None: they need not).
-    Raises UserError when `setting` is true and the split cannot be held."""
+def hold_split(
+    setting: bool | str, manifest: dict, split: str, per_image: str | None, device: torch.device
+) -> bool:
+    """Whether `split` is held in memory on `device` under `data.in_memory` = `setting`;
+    `per_image` says why its images must go through the CPU one by one (None: they need
+    not). Raises UserError when `setting` is true and the split cannot be held, or does
+    not fit the memory free now (the host's, where it is decoded, and the device's)."""
     size = manifest.get("image_size")
     reason = per_image or (None if size is not None else "the images differ in size")
     if reason is not None:
@@ -46,10 +51,30 @@ def hold_split(setting: bool | str, manifest: dict, split: str, per_image: str |
                 f"data.in_memory is true, but {reason}: set data.in_memory to auto or false"
             )
         return False
+    if setting is False:
+        return False
+    pixels = manifest["splits"][split]["count"] * manifest["channels"] * size[0] * size[1]
+    room = free_bytes(device)
     if setting == "auto":
-        pixels = manifest["splits"][split]["count"] * manifest["channels"] * size[0] * size[1]
-        return pixels <= AUTO_MAX_BYTES
-    return bool(setting)
+        return pixels <= min(AUTO_MAX_BYTES, room // 2)  # half: training needs the rest
+    if pixels > room:
+        raise UserError(
+            f"data.in_memory is true, but the {split} split's {pixels / 1e9:.2f} GB of "
+            f"pixels do not fit the {room / 1e9:.2f} GB free on {device}: set "
+            "data.in_memory to auto or false"
+        )
+    return True
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free now for a held split: the host's (it is decoded there) and, on a GPU,
+    the device's."""
+    import psutil
+
+    room = psutil.virtual_memory().available
+    if device.type == "cuda":
+        room = min(room, torch.cuda.mem_get_info(device)[0])
+    return room
 
 
 class HeldSplit:
@@ -74,6 +99,8 @@ class HeldSplit:
 def held(reader: SplitReader, key: tuple, device: torch.device, decode) -> HeldSplit:
     """The split of `reader`, decoded once per process and `key` (the store, the manifest
     digest, the split): `decode(batches)` yields its batches of uint8 pixels in id order."""
+    if device.type == "cuda" and device.index is None:  # one copy for "cuda" and "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (*key, str(device))
     if key not in _HELD:
         n = len(reader.index)
@@ -87,6 +114,8 @@ def held(reader: SplitReader, key: tuple, device: torch.device, decode) -> HeldS
             images[row : row + len(pixels)] = pixels
             labels[row : row + len(pixels)] = batch["label"]
             row += len(pixels)
+        if row != n:  # never train on rows left empty
+            raise UserError(f"{key[0]}: the {key[2]} split gave {row} of its {n} samples")
         if images is None:  # an empty split
             images = torch.empty((0, 1, 1, 1), dtype=torch.uint8)
         _HELD[key] = HeldSplit(images.to(device), labels.to(device), reader.index.key)

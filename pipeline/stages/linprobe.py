@@ -12,7 +12,7 @@ from mae import build_linear_probe
 from mae.optim import build_lars
 from pipeline.artifacts import classifier_config
 from pipeline.data.loader import Augment
-from pipeline.data.memory import to_device
+from pipeline.data.memory import free_bytes, to_device
 from pipeline.params import Params
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import encode_split
@@ -51,8 +51,8 @@ class LinearProber(Downstream):
         self.model.eval()  # the encoder never trains; the head switches modes itself
         # each rank encodes its share of a split, and every rank gets all its features
         train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
-        if train is not None and self.loader.in_memory:  # beside the images they came from
-            train = tuple(t.to(rt.device) for t in train)
+        if train is not None and train[0].nbytes <= free_bytes(rt.device) // 2:
+            train = tuple(t.to(rt.device) for t in train)  # no copy per step to a GPU
         self.train_cache = train
         self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
         self.config = classifier_config(
