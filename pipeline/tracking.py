@@ -524,3 +524,12 @@ def stage_runs(experiment_id: str, stage: str) -> list:
 def metric_name(name: str) -> str:
     """MLflow metric keys allow letters, digits, '_', '-', '.', ' ' and '/'."""
     return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
+
+
+def class_keys(classes: list[str]) -> list[str]:
+    """Metric key parts for the classes of manifest.json, in its order: the class's index
+    there, then its name as MLflow can hold it (cut at 100 characters). The index keeps
+    names that MLflow cannot hold as they are distinct: `cat (wild)` and `cat [wild]`
+    become `0_cat _wild_` and `1_cat _wild_`."""
+    width = len(str(max(len(classes) - 1, 0)))
+    return [f"{i:0{width}d}_{metric_name(c)[:100]}" for i, c in enumerate(classes)]

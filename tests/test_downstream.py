@@ -132,7 +132,7 @@ def test_evaluate_logs_to_the_run_and_its_parent(project):
     assert finetune["count"] == 40 and sum(map(sum, finetune["confusion"])) == 40
     run, parent = _run(finetune["run_id"]), _run(finetune["parent_run_id"])
     assert run.data.metrics["test/top1"] == pytest.approx(finetune["top1"])
-    assert "test/acc/0" in run.data.metrics
+    assert "test/acc/0_0" in run.data.metrics  # class 0, named "0"
     assert parent.data.metrics["finetune/test_top1"] == pytest.approx(finetune["top1"])
     assert parent.data.metrics["scratch/test_top1"] == pytest.approx(scratch["top1"])
     assert parent.data.metrics["mae_gain"] == pytest.approx(finetune["mae_gain"])

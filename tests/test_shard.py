@@ -343,3 +343,60 @@ def test_shard_tars_are_byte_for_byte_what_webdataset_tarwriter_writes(tmp_path)
             theirs.write({"__key__": key, **members})
     ours.close()
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "wds.tar").read_bytes()
+
+
+def test_class_names_mlflow_cannot_hold_stay_distinct_metrics_that_agree_with_the_manifest(
+    tmp_path, monkeypatch
+):
+    """`cat (wild)` and `cat [wild]` were both logged as `class/cat _wild_`: one metric."""
+    import mlflow
+
+    from pipeline.params import parse_params
+    from pipeline.stages.shard import run_shard_stage
+    from pipeline.tracking import class_keys
+    from tests.factory import project_params
+
+    root = imagefolder(tmp_path / "imgs", {"cat (wild)": 10, "cat [wild]": 15, "dog": 5})
+    raw = project_params(
+        {
+            "data": {"source": "imagefolder", "root": str(root), "shards": str(tmp_path / "s"),
+                     "val_fraction": 0.2, "test_fraction": 0.2, "workers": 0},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "names"},
+        }
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    manifest = run_shard_stage(parse_params(raw))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["names"], output_format="list")
+    for split in ("train", "val", "test"):
+        logged = {
+            k.rsplit("/", 1)[1]: v
+            for k, v in run.data.metrics.items()
+            if k.startswith(f"data/{split}/class/")
+        }
+        per_class, classes = manifest["splits"][split]["per_class"], manifest["classes"]
+        keys = class_keys(classes)
+        assert logged == {k: per_class[c] for k, c in zip(keys, classes, strict=True)}
+        assert len(logged) == 3
+
+
+@pytest.mark.parametrize(
+    "classes",
+    [
+        ["cat (wild)", "cat [wild]", "dog"],
+        ["🐱", "🐶"],  # nothing MLflow can hold
+        ["a/b", "a_b", "a b"],
+        ["x" * 300, "x" * 300 + "y"],  # cut to the same 100 characters
+        [str(i) for i in range(1000)],
+    ],
+)
+def test_class_keys_are_distinct_whatever_the_names_hold(classes):
+    from mlflow.utils.validation import _validate_metric_name
+
+    from pipeline.tracking import class_keys
+
+    keys = class_keys(classes)
+    assert len(set(keys)) == len(classes)
+    assert sorted(keys) == keys  # the index first, zero-padded: in the manifest's order
+    for key in keys:
+        _validate_metric_name(f"test/acc/{key}")

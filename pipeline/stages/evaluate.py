@@ -105,8 +105,8 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
     classes = config["classes"]
     metrics = {"test/top1": result["top1"], "test/top5": result["top5"]}
     metrics |= {
-        f"test/acc/{tracking.metric_name(c)}": a
-        for c, a in zip(classes, result["per_class"], strict=True)
+        f"test/acc/{key}": a
+        for key, a in zip(tracking.class_keys(classes), result["per_class"], strict=True)
     }
     tracking.Run(run_id).log_metrics(metrics, step=0)
     png = reports.confusion_png(result["confusion"], classes, f"{stage} {run_id[:8]}")

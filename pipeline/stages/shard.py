@@ -28,12 +28,12 @@ def _log_run(p: Params, manifest: dict, manifest_path: Path, digest: str) -> str
         experiment_id, stage="shard", digest=digest, run_name=f"shard {p.data.source}"
     ) as run:
         run.log_params({f"data.{k}": v for k, v in flatten(p.data).items()})
-        counts = {}
+        counts, keys = {}, tracking.class_keys(manifest["classes"])
         for split, entry in manifest["splits"].items():
             counts[f"data/{split}/count"] = entry["count"]
             counts[f"data/{split}/shards"] = len(entry["shards"])
-            for name, n in entry["per_class"].items():
-                counts[f"data/{split}/class/{tracking.metric_name(name)}"] = n
+            for key, name in zip(keys, manifest["classes"], strict=True):
+                counts[f"data/{split}/class/{key}"] = entry["per_class"].get(name, 0)
         counts["data/skipped"] = skipped_count(manifest)
         run.log_metrics(counts)
         run.log_file(manifest_path)
