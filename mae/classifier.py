@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 
 from mae.config import MAEConfig
 from mae.model import encoder_state_dict
+
+log = logging.getLogger(__name__)
 
 
 def _vit(cfg: MAEConfig, num_classes: int, img_size, global_pool: str, drop_path_rate: float):
@@ -37,15 +40,34 @@ def _vit(cfg: MAEConfig, num_classes: int, img_size, global_pool: str, drop_path
 
 
 def load_encoder(vit: VisionTransformer, state: dict[str, torch.Tensor]) -> None:
-    """Load an MAE (encoder or full) state dict into a timm ViT, resampling `pos_embed`.
+    """Load an MAE (encoder or full) or classifier state dict into a timm ViT, resampling
+    `pos_embed`: an official or timm checkpoint, pretrained or fine-tuned, or this
+    pipeline's own.
 
+    A classification head that does not fit this ViT's (another class count, a linear
+    probe's BatchNorm + Linear) is left out with a log line, as the official fine-tuning
+    code does (main_finetune.py: "Removing key head.weight from pretrained checkpoint").
     Only the head (and `fc_norm` under global pooling, whose `norm` is unused) may stay
-    uninitialised; any other missing or unexpected key raises ValueError naming it.
+    uninitialised; any other missing, unexpected or misshapen key raises ValueError
+    naming it.
     """
     state = checkpoint_filter_fn(encoder_state_dict(state), vit)  # timm resamples pos_embed
     if isinstance(vit.fc_norm, nn.LayerNorm):  # global pooling: the encoder's norm is unused
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     own = vit.state_dict()
+    other_head = [
+        f"{k} {tuple(v.shape)}"
+        for k, v in state.items()
+        if k.startswith("head.") and (k not in own or v.shape != own[k].shape)
+    ]
+    if other_head:
+        log.info(
+            "left out of the checkpoint: %s (the head of another task; this model's has "
+            "%d classes)",
+            ", ".join(other_head),
+            vit.num_classes,
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     wrong = [
         f"{k} {tuple(v.shape)} (ViT has {tuple(own[k].shape)})"
         for k, v in state.items()

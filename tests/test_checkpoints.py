@@ -107,3 +107,41 @@ def test_linear_probe_is_frozen_encoder_cls_token_batchnorm_and_linear():
         feats = probe.forward_head(probe.forward_features(imgs), pre_logits=True)
         torch.testing.assert_close(feats, mae.forward_features(imgs)[:, 0])
     assert probe(imgs).shape == (4, 10)
+
+
+def _same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Every weight of `a` but its head is `b`'s (a linear probe's `norm` goes unused)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    shared = [k for k in sa if not k.startswith("head.") and k in sb]
+    return len(shared) > 20 and all(torch.equal(sa[k], sb[k]) for k in shared)
+
+
+def test_a_fine_tuned_checkpoint_with_another_head_starts_a_fine_tune_as_officially(caplog):
+    """main_finetune.py removes a head whose shape differs and loads the rest."""
+    cfg = mae_config("mae_vit_test")
+    imagenet = build_classifier(cfg, 1000)
+    with caplog.at_level("INFO", logger="mae.classifier"):
+        clf = build_classifier(cfg, 10, encoder_state=imagenet.state_dict())
+    assert clf.head.weight.shape == (10, 32) and _same_encoder(imagenet, clf)
+    assert "head.weight (1000, 32), head.bias (1000,)" in caplog.text
+    assert "this model's has 10 classes" in caplog.text
+
+
+def test_every_checkpoint_users_bring_loads_and_only_its_head_is_left_out(caplog):
+    cfg = mae_config("mae_vit_test")
+    probe = build_linear_probe(cfg, 7, global_pool="avg")  # this pipeline's: BatchNorm + Linear
+    timm_vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4,
+        in_chans=1, embed_dim=32, depth=2, num_heads=2, global_pool="avg", fc_norm=True,
+    )  # fmt: skip
+    brought = [(probe, True), (timm_vit, True), (build_classifier(cfg, 10), False)]
+    for model, other_head in brought:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mae.classifier"):
+            clf = build_classifier(cfg, 10, encoder_state=model.state_dict())
+        assert _same_encoder(model, clf)
+        assert ("left out of the checkpoint: head." in caplog.text) == other_head
+    mismatched = build_classifier(cfg, 10).state_dict()
+    mismatched["blocks.1.mlp.fc1.weight"] = torch.zeros(64, 16)  # anything but the head
+    with pytest.raises(ValueError, match=r"blocks.1.mlp.fc1.weight \(64, 16\)"):
+        build_classifier(cfg, 10, encoder_state=mismatched)
