@@ -62,7 +62,15 @@ def plot_curve(path: Path, rows: list[dict[str, float]], x: str, ys: list[str], 
     plt.close(fig)
 
 
+ANNOTATED_MAX = 30  # classes: up to this, every cell of a confusion matrix is written out
+HEATMAP_CELLS = 500  # classes: beyond this, neighbouring classes share a cell of the heat map
+
+
 def confusion_png(confusion: list[list[int]], classes: list[str], title: str) -> bytes:
+    """The confusion matrix (rows: true class) as a PNG of bounded size: every count
+    written in its cell up to `ANNOTATED_MAX` classes; beyond, a heat map of each row's
+    fractions on a fixed canvas, neighbouring classes summed into one cell past
+    `HEATMAP_CELLS` (a 1,000-class matrix drawn cell by cell was ~60,000 px a side)."""
     import io
 
     import matplotlib
@@ -70,6 +78,17 @@ def confusion_png(confusion: list[list[int]], classes: list[str], title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    small = len(classes) <= ANNOTATED_MAX
+    fig = _annotated(plt, confusion, classes) if small else _heatmap(plt, confusion, len(classes))
+    fig.axes[0].set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _annotated(plt, confusion: list[list[int]], classes: list[str]):
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.6 * n))
     ax.imshow(confusion, cmap="Blues")
@@ -80,18 +99,24 @@ def confusion_png(confusion: list[list[int]], classes: list[str], title: str) ->
     top = max(max(row) for row in confusion) or 1
     for i, row in enumerate(confusion):
         for j, v in enumerate(row):
-            ax.text(
-                j,
-                i,
-                v,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v > top / 2 else "black",
-            )
-    ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+            color = "white" if v > top / 2 else "black"
+            ax.text(j, i, v, ha="center", va="center", fontsize=7, color=color)
+    return fig
+
+
+def _heatmap(plt, confusion: list[list[int]], n: int):
+    import numpy as np
+
+    per_cell = -(-n // HEATMAP_CELLS)  # classes summed into one cell, each way
+    cells = -(-n // per_cell)
+    matrix = np.zeros((cells * per_cell, cells * per_cell))
+    matrix[:n, :n] = confusion
+    matrix = matrix.reshape(cells, per_cell, cells, per_cell).sum(axis=(1, 3))
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(10, 9))
+    shown = ax.imshow(rows, cmap="Blues", interpolation="nearest", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, label="fraction of the row")
+    unit = "class index" if per_cell == 1 else f"class index / {per_cell}"
+    ax.set_xlabel(f"predicted ({unit})")
+    ax.set_ylabel(f"true ({unit})")
+    return fig

@@ -167,6 +167,8 @@ def format_result(r: dict) -> str:
             f"registered as {reg['name']} version {reg['version']}; "
             f"@{tracking.CHAMPION} is version {reg['champion']}"
         )
+    if len(classes) > reports.ANNOTATED_MAX:  # a table a person still reads; --json: all
+        return "\n".join(lines + _large_result(r))
     lines += [
         "",
         f"{'class':<{width}}  accuracy",
@@ -178,3 +180,23 @@ def format_result(r: dict) -> str:
         for c, row in zip(classes, r["confusion"], strict=True)
     ]
     return "\n".join(lines)
+
+
+def _large_result(r: dict, shown: int = 10) -> list[str]:
+    """Many classes: the least and most accurate, the pairs most often confused."""
+    import numpy as np
+
+    classes, confusion = r["classes"], np.asarray(r["confusion"])
+    ranked = sorted(r["per_class"].items(), key=lambda item: item[1])
+    lines = ["", f"{len(classes):,} classes (every one of them: --json)", "least accurate:"]
+    lines += [f"  {a:.4f}  {c}" for c, a in ranked[:shown]]
+    lines += ["most accurate:"] + [f"  {a:.4f}  {c}" for c, a in ranked[-shown:][::-1]]
+    np.fill_diagonal(confusion, 0)
+    top = np.argsort(confusion, axis=None)[::-1][:shown]
+    lines += ["most often confused (true -> predicted: images):"]
+    lines += [
+        f"  {classes[i]} -> {classes[j]}: {confusion[i, j]}"
+        for i, j in zip(*np.unravel_index(top, confusion.shape), strict=True)
+        if confusion[i, j]
+    ]
+    return lines
