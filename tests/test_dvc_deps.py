@@ -1,0 +1,90 @@
+"""Every module a DVC stage runs that can change its outputs is one of its `dvc.yaml` deps:
+a change to it re-runs the stage. The modules are found from the stage's own module by
+following every import (those inside functions too, and `mae`'s names imported on first
+use) within the project."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mae
+from tests.factory import ROOT
+
+# Modules every stage imports that cannot change what it writes to its DVC outputs.
+CANNOT_CHANGE_OUTPUTS = {
+    "pipeline/__init__.py": "empty",
+    "pipeline/stages/__init__.py": "empty",
+    "pipeline/data/__init__.py": "empty",
+    "pipeline/train/__init__.py": "empty",
+    "pipeline/errors.py": "the error classes and how an error reads",
+    "pipeline/progress.py": "progress bars at a terminal",
+    "pipeline/trainable.py": "refuses values that cannot train; changes none",
+    "pipeline/tracking.py": "MLflow: records the runs; no DVC output is read from it",
+    "pipeline/mlflow_model.py": "the MLflow model (an MLflow artifact, not a DVC output)",
+    "mae/__init__.py": "names imported on first use: followed where they are imported",
+}
+# ... and what one stage runs without using it for its outputs.
+STAGE_CANNOT_CHANGE = {"shard": {"mae/config.py": "params.yaml's model name is checked only"}}
+
+
+def _file(module: str) -> Path | None:
+    path = ROOT / module.replace(".", "/")
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """The project modules `path` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: a relative import"  # the project has none
+            base = node.module
+            found.add(base)
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}")  # a submodule, or a name in `base`
+                if base == "mae" and alias.name in mae._HOME:  # imported on first use
+                    found.add(mae._HOME[alias.name])
+    return {m for m in found if m.split(".")[0] in ("mae", "pipeline") and _file(m)}
+
+
+def _closure(module: str) -> set[str]:
+    todo, seen = [module], set()
+    while todo:
+        m = todo.pop()
+        path = _file(m)
+        rel = str(path.relative_to(ROOT))
+        if rel in seen:
+            continue
+        seen.add(rel)
+        parts = m.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ too
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        if rel not in CANNOT_CHANGE_OUTPUTS:  # what those import serves them alone
+            todo += sorted(_imports(path))
+    return seen
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stages_dvc_deps_hold_every_module_it_runs_that_can_change_its_outputs(stage):
+    deps = [d for d in STAGES[stage]["deps"] if not d.startswith("$")]
+    covered = lambda f: any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
+    runs = _closure(f"pipeline.stages.{stage}")
+    exempt = CANNOT_CHANGE_OUTPUTS | STAGE_CANNOT_CHANGE.get(stage, {})
+    missing = sorted(f for f in runs if f not in exempt and not covered(f))
+    assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not list them"
+
+
+def test_the_search_sees_imports_inside_functions_and_mae_names_imported_on_first_use():
+    runs = _closure("pipeline.stages.pretrain")
+    assert "pipeline/artifacts.py" in runs  # the issue's case: it writes the model folder
+    assert "mae/model.py" in runs and "mae/knn.py" in runs
+    assert "pipeline/params.py" in _closure("pipeline.stages.shard")
