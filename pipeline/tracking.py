@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -39,7 +40,7 @@ def resolve_uri(p: TrackingParams) -> str:
 
 def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return None  # a server decides where its artifacts go
 
 
@@ -61,9 +62,54 @@ def _fail_fast(timeout: int = 10):
                 os.environ[k] = v
 
 
+# Where a SQLite store keeps the artifact locations it was given, as absolute paths.
+LOCATIONS = {
+    "experiments": "artifact_location",
+    "runs": "artifact_uri",
+    "logged_models": "artifact_location",
+    "model_versions": "storage_location",
+}
+
+
+def follow_moved_store(uri: str) -> None:
+    """A local SQLite store's artifacts live beside it (`mlartifacts/`), but MLflow stores
+    their locations as absolute paths: once the project moves (or is copied), runs point
+    to where it was, reads find nothing there and new runs write outside the project. If
+    the store's locations name another folder than the one it lies in now, they are
+    rewritten to this one, in every table that holds them (MLflow has no API for it)."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return  # a server keeps its artifacts where it serves them
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return
+    here = db.resolve().parent
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+        rows = con.execute("SELECT artifact_location FROM experiments").fetchall()
+        moved = {  # where the store was, as a URI prefix ("file:///old/project/")
+            loc.removesuffix("mlartifacts")
+            for (loc,) in rows
+            if loc.startswith("file:///") and loc.endswith("/mlartifacts")
+        } - {here.as_uri() + "/"}
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for before in moved:
+            plain = unquote(before.removeprefix("file://"))  # MLflow stores both forms
+            for prefix, to in ((before, here.as_uri() + "/"), (plain, f"{here}/")):
+                for table, column in LOCATIONS.items():
+                    if table in tables:
+                        con.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE substr({column}, 1, ?) = ?",
+                            (to, len(prefix) + 1, len(prefix), prefix),
+                        )
+            log.info("MLflow store %s was in %s: its artifact locations follow it", db, plain)
+
+
 def connect(p: TrackingParams) -> str:
     """Point MLflow at the store and the experiment; -> the experiment id."""
     uri = resolve_uri(p)
+    follow_moved_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     with _fail_fast():
@@ -471,7 +517,8 @@ def download_model(run_id: str, dst: Path) -> Path:
             run_id=run_id, artifact_path="model", dst_path=str(dst)
         )
     except Exception:
-        raise UserError(f"run {run_id} has no model (no model/ artifacts)") from None
+        where = MlflowClient().get_run(run_id).info.artifact_uri
+        raise UserError(f"run {run_id} has no model: nothing at {where}/model") from None
     folder = Path(path)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"run {run_id} has no model (model/ lacks config.json or weights)")
