@@ -21,6 +21,7 @@ _HOME = {
     "count_parameters": "mae.model",
     "encoder_state_dict": "mae.model",
     "keep_count": "mae.config",
+    "to_mode": "mae.images",
 }
 
 
@@ -53,4 +54,5 @@ __all__ = [
     "keep_count",
     "load_encoder",
     "mae_config",
+    "to_mode",
 ]

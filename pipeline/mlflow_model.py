@@ -43,8 +43,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.transform = eval_transform(size, config["mean"], config["std"])
 
     def _tensor(self, data: bytes) -> torch.Tensor:
+        """An image file's bytes -> the tensor the classifier takes, read as training read
+        the shards (`mae.images.to_mode`), then resized, cropped and normalised."""
+        from mae.images import to_mode
+
         with Image.open(io.BytesIO(data)) as img:
-            return self.transform(img.convert(self.mode))
+            return self.transform(to_mode(img, self.mode))
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

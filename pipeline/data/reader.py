@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mae.images import to_mode
 from pipeline.data.store import ShardStore
 from pipeline.data.tarindex import ShardIndex, pgm
 
@@ -78,7 +79,7 @@ class SplitReader:
         if transform is None and self.mode == "L" and (pixels := pgm(data)) is not None:
             return pixels
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert(self.mode)
+            img = to_mode(img, self.mode)  # as the MLflow model reads a user's image
             return np.asarray(img) if transform is None else transform(img)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mae.images import WIDE_GRAY_MODES, to_mode
 from pipeline.data.sources import Input, Skipped
 from pipeline.data.tarindex import write_index
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # how PIL opens 16-bit gray PNGs
 
 
 @dataclass
@@ -111,9 +111,9 @@ def _encode(item: Input, want_stats: bool):
 
 
 def _as_8_bit_png(img: Image.Image, want_stats: bool):
-    """A 16-bit grayscale PNG, its top 8 bits stored as an 8-bit PNG: PIL's convert("L")
-    would clip every value above 255 to white, and the loader reads 8-bit images."""
-    pixels = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+    """A 16-bit grayscale PNG, stored as the 8-bit PNG every reader makes of it
+    (`mae.images.to_mode`: its top 8 bits), since the loader reads 8-bit images."""
+    pixels = np.asarray(to_mode(img, "L"))
     buf = io.BytesIO()
     Image.fromarray(pixels, "L").save(buf, "PNG")
     stats = _stats(None, pixels) if want_stats else None
