@@ -414,14 +414,42 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
     try:
         app()
     except (UserError, OSError) as err:  # OSError: a read-only folder, a full disk, ...
-        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
         where = "" if rank == "0" else f" (rank {rank})"
         message = str(err) if isinstance(err, UserError) else os_error_text(err)
-        typer.echo(f"mae-cli: error{where}: {message}", err=True)
+        typer.echo(f"mae-cli: error{where}: {message}{_put_back(rank)}", err=True)
         sys.exit(1)
+    except SystemExit as done:  # click ends every command with one
+        if done.code not in (0, None):
+            _put_back(rank)
+        raise
+    except BaseException:  # Ctrl-C, or a bug: the outputs come back all the same
+        _put_back(rank)
+        raise
+
+
+def _put_back(rank: str) -> str:
+    """Under `dvc repro` / `dvc exp run`, a failed stage's outputs that DVC removed before
+    it ran, put back (`pipeline.kept`); -> what the error line adds about them."""
+    from pipeline import kept
+
+    stage = os.environ.get("DVC_STAGE")
+    if not stage or rank != "0":
+        return ""
+    back = kept.put_back()
+    if back is None:
+        return (
+            "; dvc removes a stage's outputs before it runs: "
+            f"`dvc checkout {stage}` brings back its last ones"
+        )
+    return (
+        f"; the outputs dvc removed before the stage ran are back: {', '.join(back)}"
+        if back
+        else ""
+    )
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`: what torchrun and the launcher run

@@ -20,6 +20,7 @@ CANNOT_CHANGE_OUTPUTS = {
     "pipeline/train/__init__.py": "empty",
     "pipeline/errors.py": "the error classes and how an error reads",
     "pipeline/progress.py": "progress bars at a terminal",
+    "pipeline/kept.py": "links the outputs aside once written, for a failed run to put back",
     "pipeline/trainable.py": "refuses values that cannot train; changes none",
     "pipeline/tracking.py": "MLflow: records the runs; no DVC output is read from it",
     "pipeline/mlflow_model.py": "the MLflow model (an MLflow artifact, not a DVC output)",

@@ -2,6 +2,7 @@
 MLflow (SQLite) on tiny params and synthetic shards."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -113,3 +114,32 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     table = run_cmd(["mae-cli", "compare", "--out", "plots/compare.png"], repo)
     assert "every run shares all settings but the mask ratio" in table
     assert (repo / "plots/compare.png").is_file()
+
+    # A stage that fails under dvc repro (here on a params mistake) leaves the previous
+    # outputs whole: DVC removed them before it ran, the stage puts them back.
+    outputs = ["models/finetune", "metrics/finetune.json", "plots/finetune"]
+    before = _tree(repo, outputs)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["finetune"]["blr"] = "fast"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    failed = subprocess.run(
+        ["dvc", "repro", "finetune"], cwd=repo, capture_output=True, text=True, env=_env()
+    )
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "finetune.blr: Input should be a valid number" in said
+    back = said.split("the outputs dvc removed before the stage ran are back: ")[1]
+    assert set(back.splitlines()[0].split(", ")) == set(outputs)
+    assert _tree(repo, outputs) == before and len(before) > 5
+
+
+def _tree(root: Path, names: list[str]) -> dict[str, bytes]:
+    files = [p for n in names for p in sorted([root / n, *(root / n).rglob("*")]) if p.is_file()]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def _env() -> dict:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}

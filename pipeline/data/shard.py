@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import kept
 from pipeline.data.imagefolder import list_imagefolder
 from pipeline.data.manifest import FORMAT
 from pipeline.data.shard_worker import Chunk, ChunkResult, Context, init_worker, write_chunk
@@ -114,6 +115,7 @@ def run_shard(p: DataParams) -> dict:
         (staging / "work").rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    kept.keep(out)  # what a failure under dvc repro puts back
     return manifest
 
 

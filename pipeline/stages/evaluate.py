@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from mae import MAEConfig
-from pipeline import reports, tracking
+from pipeline import kept, reports, tracking
 from pipeline.artifacts import check_shards, load_classifier
 from pipeline.data.loader import build_loader
 from pipeline.data.store import shard_store
@@ -145,6 +145,7 @@ def evaluate_stage(p: Params, per_image: bool = False) -> list[dict]:
     metrics = {f"{r['stage']}_{k}": r[k] for r in results for k in ("top1", "top5")}
     metrics["mae_gain"] = results[0]["mae_gain"]
     reports.write_metrics(Path(p.paths.metrics) / "evaluate.json", metrics)
+    kept.keep(Path(p.paths.metrics) / "evaluate.json")  # what a failure under dvc puts back
     return results
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mae.optim import absolute_lr
-from pipeline import reports, tracking
+from pipeline import kept, reports, tracking
 from pipeline.artifacts import staged
 from pipeline.data.loader import Loader, build_loader
 from pipeline.data.store import shard_store
@@ -254,3 +254,4 @@ def _finish(s: Stage, run) -> None:
         reports.write_metrics(metrics_tmp, metrics)
         run.log_bytes(json.dumps(flatten(p), indent=2).encode(), "params.json")
         (out / "run_id").write_text(run.id + "\n")
+    kept.keep(plots, metrics_file, models)  # what a failure under dvc repro puts back
