@@ -299,3 +299,37 @@ def test_cached_features_keep_every_row_in_order_across_buffers(monkeypatch):
         rows.add(part)
     assert torch.equal(rows.tensor(), torch.cat(parts)) and len(rows.full) == 2
     assert Rows().tensor().numel() == 0
+
+
+def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
+    tmp_path, monkeypatch, caplog
+):
+    """The defaults, sized for Fashion-MNIST's 54,000 images, on ~1,300 images: fine-tuning
+    was a handful of optimizer steps and ended at chance, without a word."""
+    from pipeline.data.shard import run_shard
+    from pipeline.params import parse_params
+    from pipeline.stages.pretrain import Pretrainer
+    from pipeline.stages.scratch import ScratchFinetuner
+    from pipeline.train.runtime import resolve_runtime
+    from tests.factory import idx_dataset, project_params
+
+    idx_dataset(tmp_path / "raw", n_train=1_300, n_test=100, size=28)
+    monkeypatch.chdir(tmp_path)
+    raw = project_params({"data": {"source": "idx", "root": "raw", "workers": 0},
+                          "runtime": {"device": "cpu", "num_workers": 0}})  # fmt: skip
+    p = parse_params(raw)
+    run_shard(p.data)
+    with caplog.at_level("WARNING", logger="pipeline.train.stage"):
+        ScratchFinetuner(p, resolve_runtime(p.runtime))
+        Pretrainer(p, resolve_runtime(p.runtime))
+    assert (
+        "scratch: 8 optimizer steps in all (2 epochs of 4 at an effective batch of 256): "
+        "too few to learn much; raise finetune.epochs (or lower finetune.batch_size)"
+    ) in caplog.text
+    assert "pretrain: 28 optimizer steps in all" in caplog.text
+    caplog.clear()
+    enough = project_params({**raw, "finetune": {"batch_size": 16, "epochs": 3}})
+    p = parse_params(enough)
+    with caplog.at_level("WARNING", logger="pipeline.train.stage"):
+        ScratchFinetuner(p, resolve_runtime(p.runtime))  # 73 steps x 3 = 219
+    assert "optimizer steps in all" not in caplog.text
