@@ -209,3 +209,10 @@ def test_values_near_those_limits_still_train():
     }
     assert parse_params(project_params(near)).pretrain.mask_ratio == 0.01
     assert parse_params(project_params({"pretrain": {"probe_every": 0, "knn_bank": 1}}))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_recipe_is_valid_over_params_yaml(recipe):
+    from pipeline.tools.recipe import overrides
+
+    assert overrides(ROOT / "recipes" / recipe, ROOT / "params.yaml")
