@@ -10,6 +10,8 @@ from tests.factory import project_params
 
 
 def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):
+    """A finished pretrain run with a finetune child of `finetune` test top-1 (2 epochs)
+    and a scratch control of those fine-tuning params at 0.8."""
     run = client.create_run(
         experiment, tags={"stage": "pretrain", "git.commit": commit, "data.manifest_digest": "d1"}
     )
@@ -22,9 +24,19 @@ def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):
         "runtime.num_workers": 1,
     }.items():
         client.log_param(rid, k, str(v))
-    client.log_metric(rid, "finetune/test_top1", finetune)
-    client.log_metric(rid, "scratch/test_top1", 0.8)
-    client.log_metric(rid, "mae_gain", finetune - 0.8)
+    _downstream(client, experiment, "finetune", finetune, 2, parent=rid)
+    _downstream(client, experiment, "scratch", 0.8, 2)
+    client.set_terminated(rid)
+    return rid
+
+
+def _downstream(client, experiment, stage, top1, finetune_epochs, parent=None):
+    tags = {"stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
+    rid = client.create_run(experiment, tags=tags).info.run_id
+    section = "scratch" if stage == "scratch" else "finetune"  # as the stages log them
+    for k, v in {"epochs": finetune_epochs, "log_every": 7}.items():
+        client.log_param(rid, f"{section}.{k}", str(v))
+    client.log_metric(rid, "test/top1", top1)
     client.set_terminated(rid)
     return rid
 
@@ -102,3 +114,24 @@ def test_commits_that_change_no_code_stay_in_one_series(tmp_path, monkeypatch):
     series = {r["run_id"]: r["series"] for r in rows}
     assert series[ids[0]] == series[ids[1]] != series[ids[2]]
     assert {r["differs"]["git.commit"] for r in rows} == {commits[0], commits[2]}
+
+
+def test_a_second_fine_tune_of_one_pretrain_run_is_a_row_of_its_own(tmp_path):
+    """dvc repro, then dvc exp run -S finetune.epochs=3 (pretrain reused from the cache):
+    both results stay, each beside the scratch control of its own fine-tuning params."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
+    pretrain = _pretrain_run(client, experiment, 0.75, 6, 0.86)
+    again = _downstream(client, experiment, "finetune", 0.9, 3, parent=pretrain)
+    control = _downstream(client, experiment, "scratch", 0.85, 3)
+    rows = compare_rows(p)
+    assert [r["run_id"] for r in rows] == [pretrain, pretrain]
+    by_finetune = {r["finetune_run_id"]: r for r in rows}
+    assert by_finetune[again]["differs"] == {"finetune.epochs": "3"}
+    assert by_finetune[again]["scratch_run_id"] == control
+    assert math.isclose(by_finetune[again]["mae_gain"], 0.05)
+    first = next(r for r in rows if r["finetune_run_id"] != again)
+    assert first["differs"] == {"finetune.epochs": "2"} and math.isclose(first["mae_gain"], 0.06)
+    assert "finetune.epochs=3" in format_rows(rows)

@@ -115,6 +115,24 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     assert "every run shares all settings but the mask ratio" in table
     assert (repo / "plots/compare.png").is_file()
 
+    # A second fine-tune of the same pretrain run (reused from the cache) keeps the first:
+    # compare shows both, each beside the scratch control of its own params.
+    out = run_cmd(["dvc", "exp", "run", "-S", "finetune.epochs=3"], repo)
+    assert "Running stage 'pretrain'" not in out and "Running stage 'scratch'" in out
+    rows = json.loads(run_cmd(["mae-cli", "compare", "--json"], repo, stdout_only=True))
+    tuned = [r for r in rows if r["mask_ratio"] == 0.5]
+    assert sorted(r["differs"]["finetune.epochs"] for r in tuned) == ["2", "3"]
+    assert len({r["scratch_run_id"] for r in tuned}) == 2 and len({r["series"] for r in tuned}) == 2
+    parent = mlflow.get_run(tuned[0]["run_id"])
+    newest = max(tuned, key=lambda r: r["differs"]["finetune.epochs"])
+    assert parent.data.tags["finetune.run_id"] == newest["finetune_run_id"]
+    history = mlflow.MlflowClient().get_metric_history(parent.info.run_id, "finetune/test_top1")
+    assert sorted(m.step for m in history) == [1, 2]  # both results, in the order they ran
+    said = run_cmd(["mae-cli", "evaluate", "--run-id", tuned[0]["finetune_run_id"]], repo)
+    assert ("trained with finetune.epochs 2 (params.yaml now: 3)" in said) == (
+        tuned[0]["differs"]["finetune.epochs"] == "2"
+    )
+
     # A stage that fails under dvc repro (here on a params mistake) leaves the previous
     # outputs whole: DVC removed them before it ran, the stage puts them back.
     outputs = ["models/finetune", "metrics/finetune.json", "plots/finetune"]

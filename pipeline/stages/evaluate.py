@@ -19,7 +19,7 @@ from pipeline.artifacts import check_shards, load_classifier
 from pipeline.data.loader import build_loader
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
-from pipeline.params import Params
+from pipeline.params import Params, flatten
 from pipeline.train.eval import evaluate
 from pipeline.train.runtime import resolve_runtime
 
@@ -54,6 +54,22 @@ def evaluate_run(
     return [_evaluate_one(p, run, folder, per_image)]
 
 
+def _child_step(run, parent: str) -> int:
+    """The run's place (1, 2, ...) among its parent's children of its stage, by start."""
+    siblings = tracking.child_runs(tracking.get_run(parent), (run.data.tags["stage"],))
+    starts = sorted(r.info.start_time for r in siblings)
+    return starts.index(run.info.start_time) + 1 if run.info.start_time in starts else 0
+
+
+def _params_differ(p: Params, run, stage: str) -> dict[str, list[str]]:
+    """The run's own section's params that params.yaml now sets otherwise:
+    {key: [the run's value, params.yaml's]}."""
+    section = "linprobe" if stage == "linprobe" else "finetune"
+    now = {f"{section}.{k}": str(v) for k, v in flatten(getattr(p, section)).items()}
+    ran = run.data.params
+    return {k: [ran[k], v] for k, v in now.items() if k in ran and ran[k] != v}
+
+
 def with_gain(results: list[dict]) -> list[dict]:
     """With a scratch result: `mae_gain` (finetune test top-1 minus scratch's) added to each
     finetune result and logged to its pretrain run, which then names its control."""
@@ -66,9 +82,8 @@ def with_gain(results: list[dict]) -> list[dict]:
         tuned["scratch_run_id"] = control["run_id"]
         if tuned["parent_run_id"]:
             parent = tracking.Run(tuned["parent_run_id"])
-            parent.log_metrics(
-                {"scratch/test_top1": control["top1"], "mae_gain": tuned["mae_gain"]}, step=0
-            )
+            gain = {"scratch/test_top1": control["top1"], "mae_gain": tuned["mae_gain"]}
+            parent.log_metrics(gain, step=tuned["parent_step"])  # beside its finetune result
             parent.set_tags({tracking.SCRATCH_TAG: control["run_id"]})
     return results
 
@@ -112,10 +127,12 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
     png = reports.confusion_png(result["confusion"], classes, f"{stage} {run_id[:8]}")
     tracking.Run(run_id).log_bytes(png, "evaluation/confusion_matrix.png")
     parent = run.data.tags.get("mlflow.parentRunId")
-    if parent:
-        tracking.Run(parent).log_metrics(
-            {f"{stage}/test_top1": result["top1"], f"{stage}/test_top5": result["top5"]}, step=0
-        )
+    step = 0
+    if parent:  # one step per child: a second fine-tune adds to the history, and the tag
+        step = _child_step(run, parent)  # names the run behind the value shown
+        top = {f"{stage}/test_top1": result["top1"], f"{stage}/test_top5": result["top5"]}
+        tracking.Run(parent).log_metrics(top, step=step)
+        tracking.Run(parent).set_tags({f"{stage}.run_id": run_id})
     registered = {}
     if p.tracking.register and stage == "finetune":
         registered = {
@@ -125,6 +142,8 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
         "run_id": run_id,
         "stage": stage,
         "parent_run_id": parent,
+        "parent_step": step,
+        "params_differ": _params_differ(p, run, stage),
         "classes": classes,
         **result,
         "per_class": dict(zip(classes, result["per_class"], strict=True)),
@@ -162,6 +181,8 @@ def format_result(r: dict) -> str:
             f"mae_gain {100 * r['mae_gain']:+.2f} points over the scratch control "
             f"(run {r['scratch_run_id']})"
         )
+    for key, (ran, now) in r.get("params_differ", {}).items():
+        lines.append(f"trained with {key} {ran} (params.yaml now: {now})")
     if "registered" in r:
         reg = r["registered"]
         lines.append(

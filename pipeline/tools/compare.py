@@ -48,8 +48,14 @@ TAGS = ("data.manifest_digest", "git.commit")
 CODE = ("mae", "pipeline")  # what a run computes with, besides its params and data
 
 
-def _setting(run) -> dict[str, str]:
+def _setting(run, finetune=None, linprobe=None) -> dict[str, str]:
+    """What a row computed with: the pretrain run's params (and tags), its `finetune.*` and
+    `linprobe.*` replaced by those of the runs that produced its results."""
     params = {k: v for k, v in run.data.params.items() if not k.startswith(NOT_A_SETTING)}
+    for section, child in (("finetune", finetune), ("linprobe", linprobe)):
+        if child is not None:
+            params = {k: v for k, v in params.items() if not k.startswith(f"{section}.")}
+            params |= _downstream_setting(child, section)
     return params | {t: run.data.tags.get(t, "") for t in TAGS}
 
 
@@ -80,17 +86,29 @@ def _same_code(commits: list[str]) -> dict[str, str]:
 
 
 def compare_rows(p: Params) -> list[dict]:
-    """One row per pretrain run with its downstream test top-1, scratch control, gain and
-    k-NN; `series` groups the runs that share every setting but the mask ratio, `differs`
-    says what sets each series apart."""
+    """One row per pretrain run and fine-tuning setting: its finetune, linprobe and scratch
+    test top-1, gain and k-NN, each read from the run that produced it (a finetune child,
+    the scratch run of the same `finetune.*` params, the newest linprobe child), whose
+    params join the row's setting: a second fine-tune of one pretrain run with other
+    params is a row of its own. `series` groups the rows that share every setting but
+    the mask ratio, `differs` says what sets each series apart."""
     experiment_id = tracking.connect(p.tracking)
+    done = ("FINISHED", "RUNNING")  # a FAILED or KILLED run compares nothing
     runs = [
         r
         for r in tracking.stage_runs(experiment_id, "pretrain")
-        if "pretrain.mask_ratio" in r.data.params and r.info.status in ("FINISHED", "RUNNING")
-    ]  # a FAILED or KILLED run compares nothing
+        if "pretrain.mask_ratio" in r.data.params and r.info.status in done
+    ]
     runs.sort(key=lambda r: r.info.start_time)
-    settings = [_setting(r) for r in runs]
+    downstream = [
+        r
+        for stage in ("finetune", "linprobe", "scratch")
+        for r in tracking.stage_runs(experiment_id, stage)
+        if r.info.status in done
+    ]
+    downstream.sort(key=lambda r: r.info.start_time)  # newest last
+    pairs = [(run, *results) for run in runs for results in _results(run, downstream)]
+    settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
     code = _same_code([s["git.commit"] for s in settings])
     for s in settings:
         s["git.commit"] = code[s["git.commit"]]
@@ -98,22 +116,88 @@ def compare_rows(p: Params) -> list[dict]:
     varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
     series: dict[tuple, str] = {}
     rows = []
-    for run, setting in zip(runs, settings, strict=True):
+    for (run, finetune, linprobe, scratch), setting in zip(pairs, settings, strict=True):
         differs = {k: setting.get(k, "") for k in varying}
         name = series.setdefault(tuple(differs.items()), string.ascii_uppercase[len(series) % 26])
+        top1 = {
+            "finetune/test_top1": _top1(finetune),
+            "linprobe/test_top1": _top1(linprobe),
+            "scratch/test_top1": _top1(scratch),
+        }
         rows.append(
             {
                 "series": name,
                 "mask_ratio": float(run.data.params["pretrain.mask_ratio"]),
                 "run_id": run.info.run_id,
+                **{
+                    f"{s}_run_id": r.info.run_id if r else ""
+                    for s, r in (
+                        ("finetune", finetune),
+                        ("linprobe", linprobe),
+                        ("scratch", scratch),
+                    )
+                },
                 "status": run.info.status,
                 "start_time": run.info.start_time,
                 "dvc_exp": run.data.tags.get("dvc.exp_name", ""),
-                **{c: run.data.metrics.get(c, math.nan) for c in COLUMNS},
+                **top1,
+                "mae_gain": top1["finetune/test_top1"] - top1["scratch/test_top1"],
+                **{c: run.data.metrics.get(c, math.nan) for c in COLUMNS[4:]},
                 "differs": differs,
             }
         )
     return sorted(rows, key=lambda r: (r["series"], r["mask_ratio"], r["start_time"]))
+
+
+def _downstream_setting(run, section: str) -> dict[str, str]:
+    return {
+        k: v
+        for k, v in run.data.params.items()
+        if k.startswith(f"{section}.") and not k.startswith(NOT_A_SETTING)
+    }
+
+
+def _results(pretrain, downstream: list) -> list[tuple]:
+    """(finetune, linprobe, scratch) runs of a pretrain run, one tuple per fine-tuning
+    setting among its finetune children (the newest of each); None where there is none."""
+    parent = pretrain.info.run_id
+    children = [r for r in downstream if r.data.tags.get("mlflow.parentRunId") == parent]
+    linprobes = [r for r in children if r.data.tags.get("stage") == "linprobe"]
+    linprobe = linprobes[-1] if linprobes else None
+    newest: dict[tuple, object] = {}
+    for r in (r for r in children if r.data.tags.get("stage") == "finetune"):
+        newest[_finetune_key(r)] = r
+    if not newest:
+        return [(None, linprobe, None)]
+    scratches = [r for r in downstream if r.data.tags.get("stage") == "scratch"]
+    out = []
+    for setting, finetune in newest.items():
+        same = [r for r in scratches if _finetune_key(r) == setting]
+        out.append((finetune, linprobe, same[-1] if same else None))
+    return out
+
+
+def _finetune_key(run) -> tuple:
+    """The fine-tuning params of a finetune run or a scratch run (which logs its section,
+    `finetune`, as `scratch.*`); the lr and the effective batch follow from them."""
+    prefix = "scratch." if run.data.tags.get("stage") == "scratch" else "finetune."
+    params = {
+        f"finetune.{k.removeprefix(prefix)}": v
+        for k, v in run.data.params.items()
+        if k.startswith(prefix)
+    }
+    derived = ("finetune.lr", "finetune.effective_batch")
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in params.items()
+            if not k.startswith(NOT_A_SETTING) and k not in derived
+        )
+    )
+
+
+def _top1(run) -> float:
+    return run.data.metrics.get("test/top1", math.nan) if run is not None else math.nan
 
 
 def _cell(value: float, column: str) -> str:
