@@ -97,6 +97,9 @@ def test_bench_step_reads_the_shards_and_prints_its_figures(tmp_path):
         (["--model", "nope"], "unknown model 'nope'"),
         (["--model", "mae_vit_test", "--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
         (["--model", "mae_vit_test", "--device", "cpu", "--precision", "fp16"], "needs a CUDA"),
+        (["--precision", "fp64"], "--precision must be one of auto, fp32, bf16, fp16"),
+        (["--compile", "--compile-mode", "fast"], "must be one of default, reduce-overhead"),
+        (["--data", "disk"], "--data must be one of synthetic, shards, memory"),
     ],
 )
 def test_bench_bad_input_is_a_one_line_error(args, message):

@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -38,12 +37,10 @@ from torchvision.transforms import InterpolationMode, v2
 
 from mae.augment import eval_transform
 from pipeline.data.memory import held, hold_split
-from pipeline.data.plan import SHUFFLE_WINDOW, EpochPlan
+from pipeline.data.plan import SHUFFLE_WINDOW, EpochPlan, Purpose
 from pipeline.data.reader import SplitReader
 from pipeline.data.store import ShardStore, as_store
 from pipeline.errors import UserError, os_error_text
-
-Purpose = Literal["pretrain", "finetune", "eval"]
 
 
 # ------------------------------------------------------------------ transforms

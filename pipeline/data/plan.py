@@ -4,9 +4,11 @@ counts, the seed and the epoch alone (the loader's docstring says why)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+Purpose = Literal["pretrain", "finetune", "eval"]  # what a loader's batches are for
 SHUFFLE_WINDOW = 20_000  # samples shuffled together; more than Fashion-MNIST's train split
 
 
