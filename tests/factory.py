@@ -162,15 +162,23 @@ def shard_set(folder: Path, counts: list[int], size: int = 8) -> Path:
 
 def run_cmd(cmd: list[str], cwd: Path, timeout: int = 600, stdout_only: bool = False) -> str:
     """Run a command of this environment (dvc, mae-cli) and return its output; fail loudly."""
-    import os
     import subprocess
+
+    result = subprocess.run(
+        cmd, cwd=cwd, env=cmd_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{cmd}: {result.stdout}\n{result.stderr}"
+    return result.stdout if stdout_only else result.stdout + result.stderr
+
+
+def cmd_env() -> dict:
+    """The environment commands of this project (dvc, mae-cli) run in from a test: this
+    interpreter's bin first on PATH, no tracking store a test exported."""
+    import os
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd}: {result.stdout}\n{result.stderr}"
-    return result.stdout if stdout_only else result.stdout + result.stderr
+    return env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
 
 
 def dvc_repo(tmp_path: Path, params: dict) -> Path:

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.factory import dvc_repo, idx_dataset, run_cmd
+from tests.factory import cmd_env, dvc_repo, idx_dataset, run_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -141,7 +141,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     raw["finetune"]["blr"] = "fast"
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     failed = subprocess.run(
-        ["dvc", "repro", "finetune"], cwd=repo, capture_output=True, text=True, env=_env()
+        ["dvc", "repro", "finetune"], cwd=repo, capture_output=True, text=True, env=cmd_env()
     )
     said = failed.stdout + failed.stderr
     assert failed.returncode != 0 and "finetune.blr: Input should be a valid number" in said
@@ -153,11 +153,3 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
 def _tree(root: Path, names: list[str]) -> dict[str, bytes]:
     files = [p for n in names for p in sorted([root / n, *(root / n).rglob("*")]) if p.is_file()]
     return {str(p.relative_to(root)): p.read_bytes() for p in files}
-
-
-def _env() -> dict:
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}

@@ -43,17 +43,16 @@ def hold_split(
     `per_image` says why its images must go through the CPU one by one (None: they need
     not). Raises UserError when `setting` is true and the split cannot be held, or does
     not fit the memory free now (the host's, where it is decoded, and the device's)."""
-    size = manifest.get("image_size")
-    reason = per_image or (None if size is not None else "the images differ in size")
-    if reason is not None:
+    if per_image is not None:  # mixed sizes among the reasons: see loader._transforms
         if setting is True:
             raise UserError(
-                f"data.in_memory is true, but {reason}: set data.in_memory to auto or false"
+                f"data.in_memory is true, but {per_image}: set data.in_memory to auto or false"
             )
         return False
     if setting is False:
         return False
-    pixels = manifest["splits"][split]["count"] * manifest["channels"] * size[0] * size[1]
+    height, width = manifest["image_size"]
+    pixels = manifest["splits"][split]["count"] * manifest["channels"] * height * width
     room = free_bytes(device)
     if setting == "auto":
         return pixels <= min(AUTO_MAX_BYTES, room // 2)  # half: training needs the rest
