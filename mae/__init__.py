@@ -20,7 +20,7 @@ _HOME = {
     "MaskedAutoencoderViT": "mae.model",
     "count_parameters": "mae.model",
     "encoder_state_dict": "mae.model",
-    "keep_count": "mae.config",
+    "len_keep": "mae.config",
     "to_mode": "mae.images",
 }
 
@@ -51,7 +51,7 @@ __all__ = [
     "create_mae",
     "encoder_state_dict",
     "eval_transform",
-    "keep_count",
+    "len_keep",
     "load_encoder",
     "mae_config",
     "to_mode",

@@ -184,7 +184,7 @@ def mae_config(name: str, **overrides: Any) -> MAEConfig:
     return MAEConfig(**{**base, **overrides})
 
 
-def keep_count(num_patches: int, mask_ratio: float) -> int:
+def len_keep(num_patches: int, mask_ratio: float) -> int:
     """Visible patches per sample, int(L * (1 - mask_ratio)) as the official code."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")

@@ -11,7 +11,7 @@ projection, which needs no gradient for the input images (once, not twice).
 
 from __future__ import annotations
 
-from mae.config import MAEConfig, keep_count
+from mae.config import MAEConfig, len_keep
 
 
 def vit_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> int:
@@ -31,7 +31,7 @@ def mae_step_flops(
     (masked ones as a mask token) instead of the visible ones only.
     """
     L, pixels = cfg.num_patches, cfg.patch_size**2 * cfg.in_chans
-    seen = L if mask_tokens_in_encoder else keep_count(L, mask_ratio)
+    seen = L if mask_tokens_in_encoder else len_keep(L, mask_ratio)
     patch_embed = 2 * L * pixels * cfg.embed_dim
     encoder = vit_flops(seen + 1, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
     decoder_embed = 2 * (seen + 1) * cfg.embed_dim * cfg.decoder_embed_dim

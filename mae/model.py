@@ -13,7 +13,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mae.config import MAEConfig, keep_count
+from mae import config
+from mae.config import MAEConfig
 from mae.pos_embed import sincos_2d
 
 _norm = partial(nn.LayerNorm, eps=1e-6)
@@ -108,7 +109,7 @@ class MaskedAutoencoderViT(nn.Module):
         noise: (N, L); the patches with the smallest noise are kept.
         """
         n, L, d = x.shape
-        len_keep = keep_count(L, mask_ratio)
+        len_keep = config.len_keep(L, mask_ratio)
         if noise is None:
             noise = torch.rand(n, L, device=x.device)
         elif noise.shape != (n, L):

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import UserError, os_error_text
+from pipeline.stages import TRAINING_STAGES
 from pipeline.tools.bench_cli import bench_app
 
 app = typer.Typer(
@@ -58,6 +59,7 @@ def _train(stage: str, params: Path) -> None:
     """Run a training stage: here, or as `runtime.nproc` ranks when that is above 1 and
     this process is not already one rank of a torchrun launch."""
     from pipeline.params import load_params
+    from pipeline.stages import run_training
     from pipeline.train import distributed
 
     p = load_params(params)
@@ -70,44 +72,23 @@ def _train(stage: str, params: Path) -> None:
         if code:
             raise typer.Exit(code)
         return
-    if stage == "pretrain":
-        from pipeline.stages.pretrain import run_pretrain as run
-    elif stage == "finetune":
-        from pipeline.stages.finetune import run_finetune as run
-    elif stage == "scratch":
-        from pipeline.stages.scratch import run_scratch as run
-    else:
-        from pipeline.stages.linprobe import run_linprobe as run
     try:
-        run_id = run(p)
+        run_id = run_training(stage, p)
     finally:
         distributed.shutdown()
     if run_id:  # rank 0
         typer.echo(f"{stage} done: MLflow run {run_id}")
 
 
-@app.command()
-def pretrain(params: Path = PARAMS) -> None:
-    """MAE pretraining on the train shards -> models/pretrain/, metrics, MLflow run."""
-    _train("pretrain", params)
+def _training_command(stage: str):
+    def command(params: Path = PARAMS) -> None:
+        _train(stage, params)
+
+    return command
 
 
-@app.command()
-def finetune(params: Path = PARAMS) -> None:
-    """Fine-tune the pretrained encoder as a classifier -> models/finetune/, MLflow child run."""
-    _train("finetune", params)
-
-
-@app.command()
-def scratch(params: Path = PARAMS) -> None:
-    """The control: finetune's recipe from a random encoder -> models/scratch/, MLflow run."""
-    _train("scratch", params)
-
-
-@app.command()
-def linprobe(params: Path = PARAMS) -> None:
-    """Linear probe on the frozen encoder -> models/linprobe/, MLflow child run."""
-    _train("linprobe", params)
+for _stage in TRAINING_STAGES:  # one command per training stage, in the registry's order
+    app.command(name=_stage.name, help=_stage.help)(_training_command(_stage.name))
 
 
 @app.command()

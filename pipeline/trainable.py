@@ -25,11 +25,11 @@ def _mask_ratio(p: Params) -> tuple[str, str] | None:
     """The loss is the error on masked patches only: none masked is 0 / 0 (the paper's
     Sec. 3, "we compute the loss only on masked patches"), none visible leaves the
     encoder nothing to see."""
-    from mae.config import keep_count, mae_config
+    from mae.config import len_keep, mae_config
 
     patches, ratio = mae_config(p.model.name).num_patches, p.pretrain.mask_ratio
     try:
-        kept = keep_count(patches, ratio)
+        kept = len_keep(patches, ratio)
     except ValueError as err:
         return "pretrain.mask_ratio", f"{err} of model {p.model.name}"
     if kept == patches:
@@ -64,11 +64,15 @@ def _probe_batch(p: Params) -> tuple[str, str] | None:
 
 
 def _knn_k(p: Params) -> tuple[str, str] | None:
-    pp = p.pretrain
-    if pp.probe_every and pp.knn_bank is not None and pp.knn_k > pp.knn_bank:
+    pretrain = p.pretrain
+    if (
+        pretrain.probe_every
+        and pretrain.knn_bank is not None
+        and pretrain.knn_k > pretrain.knn_bank
+    ):
         return (
             "pretrain.knn_k",
-            f"{pp.knn_k} neighbours, but the k-NN bank holds {pp.knn_bank} images "
+            f"{pretrain.knn_k} neighbours, but the k-NN bank holds {pretrain.knn_bank} images "
             "(pretrain.knn_bank)",
         )
     return None

@@ -31,7 +31,7 @@ PARAMS = {
     "tracking": {"experiment": "fingerprint", "uri": "sqlite:///mlflow.db"},
 }
 STAGES = ["shard", "pretrain", "finetune", "scratch", "linprobe", "evaluate"]
-TIMINGS = {"minutes", "img_per_s", "knn_minutes", "seconds", "model_log_seconds"}
+TIMINGS = {"minutes", "img_per_s", "knn_minutes", "seconds", "model_log_seconds", "data_wait"}
 
 
 def sha(data: bytes) -> str:

@@ -1,5 +1,11 @@
+"""Fixtures every test module may use: the tiny project, CUDA skips, seeds, no shared store."""
+
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.factory import build_project
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,3 +28,11 @@ def _no_shared_tracking_store(monkeypatch):
     (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI) does not leak into the next."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # records the original for teardown
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A tiny project with its shards in `tmp_path`, the working directory."""
+    build_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

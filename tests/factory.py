@@ -1,4 +1,6 @@
-"""Synthetic data for tests: IDX files, ImageFolder trees and hand-sized shard sets."""
+"""Synthetic data for tests (IDX files, ImageFolder trees, hand-sized shard sets), the tiny
+project the stage tests share (`build_project`; the `project` fixture in conftest.py), and
+the commands they run."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import gzip
 import io
 import json
 import struct
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +232,72 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# The tiny project the stage tests share: synthetic 16 px images, the test model, CPU,
+# a few epochs; each test changes only the keys it is about.
+TINY = {
+    "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
+    "model": {"name": "mae_vit_test"},
+    "pretrain": {
+        "epochs": 3,
+        "batch_size": 32,
+        "log_every": 2,
+        "recon_every": 1,
+        "probe_every": 2,
+        "warmup_epochs": 1,
+        "blr": 1e-3,
+    },
+    "runtime": {"num_workers": 0, "device": "cpu"},
+    "tracking": {"experiment": "test"},
+}
+
+
+def _random_images(raw: Path) -> None:
+    idx_dataset(raw, n_train=200, n_test=40, size=16)
+
+
+def build_project(
+    folder: Path,
+    *,
+    dataset: Callable[[Path], object] = _random_images,
+    stages: tuple[str, ...] = ("shard",),
+    **sections: dict,
+) -> Path:
+    """A tiny project in `folder`: `dataset(folder / "raw")` writes its images (default:
+    200 + 40 random 16 px IDX images), params.yaml is the project's with TINY and then
+    `sections` merged over it and a SQLite store in `folder`, and `stages` run in order,
+    here; -> the params.yaml path."""
+    from pipeline.data.shard import run_shard
+    from pipeline.params import load_params, merge
+    from pipeline.stages import run_training
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset(folder / "raw")
+    params = merge(TINY, sections)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    params["tracking"] = {**params["tracking"], "uri": uri}
+    (folder / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:  # a store a test exported must not leak in
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for stage in stages:
+            p = load_params("params.yaml")
+            run_shard(p.data) if stage == "shard" else run_training(stage, p)
+    return folder / "params.yaml"
+
+
+MAE_CLI = str(Path(sys.executable).with_name("mae-cli"))  # this environment's
+
+
+def mae_cli(args: list[str], cwd: Path, check: bool = False, timeout: int = 300):
+    """`mae-cli ARGS` run in `cwd` as a user runs it; -> the CompletedProcess (text)."""
+    import subprocess
+
+    result = subprocess.run(
+        [MAE_CLI, *args], cwd=cwd, env=cmd_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert not check or result.returncode == 0, result.stderr
+    return result

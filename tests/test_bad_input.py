@@ -6,29 +6,20 @@ import gzip
 import json
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_pretrain import make_project
+from tests.factory import build_project, mae_cli
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A project with shards and a pretrained model, copied for each case."""
-    folder = make_project(tmp_path_factory.mktemp("base") / "p", pretrain={"epochs": 1}).parent
-    _cli(["pretrain"], folder, check=True)
+    folder = build_project(tmp_path_factory.mktemp("base") / "p", pretrain={"epochs": 1}).parent
+    mae_cli(["pretrain"], folder, check=True)
     return folder
-
-
-def _cli(args: list[str], cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
-    script = str(Path(sys.executable).with_name("mae-cli"))
-    result = subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert not check or result.returncode == 0, result.stderr
-    return result
 
 
 def _outputs(folder: Path) -> dict[str, bytes]:
@@ -121,7 +112,7 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_nothing_lost(
     shutil.copytree(base, folder)
     mutate(folder)
     before = _outputs(folder)
-    result = _cli(args, folder)
+    result = mae_cli(args, folder)
     error = [line for line in result.stderr.splitlines() if "rror" in line]
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

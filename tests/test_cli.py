@@ -118,9 +118,9 @@ def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
 def test_user_mistakes_are_one_line_and_exit_one(tmp_path):
     """A user's mistakes from the field: each a one-line error naming the problem, exit 1,
     no traceback, and nothing started (no MLflow run for a bad mask ratio)."""
-    from tests.test_pretrain import make_project
+    from tests.factory import build_project
 
-    folder = make_project(tmp_path / "p").parent
+    folder = build_project(tmp_path / "p").parent
     raw = yaml.safe_load((folder / "params.yaml").read_text())
 
     def params_with(section: str, **keys) -> str:

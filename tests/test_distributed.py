@@ -26,12 +26,14 @@ def _loader_rank(rank: int, world: int, folder: str, out: str, port: int) -> Non
     )
     try:
         seen = {}
-        for purpose, split in (("pretrain", "train"), ("eval", "test")):
+        for augmentation, split in (("pretrain", "train"), ("eval", "test")):
             # no rank arguments: the loader takes them from the process group
-            loader = build_loader(folder, split, purpose, batch_size=4, img_size=8, num_workers=2)
+            loader = build_loader(
+                folder, split, augmentation, batch_size=4, img_size=8, num_workers=2
+            )
             loader.set_epoch(1)
-            seen[purpose] = [b["key"] for b in loader]
-            assert len(seen[purpose]) == len(loader)
+            seen[augmentation] = [b["key"] for b in loader]
+            assert len(seen[augmentation]) == len(loader)
         Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -116,13 +118,12 @@ def run_one_and_two_ranks(tmp_path: Path, **runtime) -> dict:
     import mlflow
     from safetensors.torch import load_file
 
-    from tests.factory import run_cmd
-    from tests.test_pretrain import make_project
+    from tests.factory import build_project, run_cmd
 
     results = {}
     for nproc, batch in ((1, 16), (2, 8)):
         folder = tmp_path / f"nproc{nproc}"
-        make_project(
+        build_project(
             folder,
             pretrain={"epochs": 2, "batch_size": batch, "log_every": 1},
             finetune={"epochs": 1, "batch_size": batch, "log_every": 1, "drop_path": 0.0},

@@ -1,8 +1,6 @@
 """finetune, linprobe and evaluate with the real MLflow on synthetic shards."""
 
 import json
-import os
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,21 +11,15 @@ from safetensors.torch import load_file
 from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
 from pipeline.params import load_params
+from pipeline.stages import run_training
 from pipeline.stages.evaluate import evaluate_run, evaluate_stage
-from pipeline.stages.finetune import run_finetune
-from pipeline.stages.linprobe import run_linprobe
-from pipeline.stages.pretrain import run_pretrain
-from pipeline.stages.scratch import run_scratch
-from tests.factory import bands_dataset, idx_dataset, project_params
+from tests.factory import bands_dataset, build_project, idx_dataset, project_params
 
-PARAMS = {
-    "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
-    "model": {"name": "mae_vit_test"},
-    "pretrain": {"epochs": 1, "batch_size": 32, "log_every": 2},
+# finetune and linprobe of the tiny project (tests.factory.TINY), its pretraining cut to 1 epoch
+DOWNSTREAM = {
+    "pretrain": {"epochs": 1},
     "finetune": {"epochs": 2, "batch_size": 32, "log_every": 2},
     "linprobe": {"epochs": 3, "batch_size": 32, "log_every": 2, "warmup_epochs": 1},
-    "runtime": {"num_workers": 0, "device": "cpu"},
-    "tracking": {"experiment": "test"},
 }
 
 
@@ -35,19 +27,7 @@ PARAMS = {
 def pretrained(tmp_path_factory):
     """A project with shards and a pretrain run, shared by the tests of this module."""
     folder = tmp_path_factory.mktemp("project")
-    idx_dataset(folder / "raw", n_train=200, n_test=40, size=16)
-    params = {
-        **PARAMS,
-        "tracking": {**PARAMS["tracking"], "uri": f"sqlite:///{folder / 'mlflow.db'}"},
-    }
-    (folder / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run_shard(load_params("params.yaml").data)
-        run_pretrain(load_params("params.yaml"))
-    finally:
-        os.chdir(cwd)
+    build_project(folder, stages=("shard", "pretrain"), **DOWNSTREAM)
     return folder
 
 
@@ -62,7 +42,7 @@ def _run(run_id):
 
 
 def test_finetune_is_a_child_run_that_inherits_pretrain_params_and_keeps_the_best(project):
-    run_id = run_finetune(load_params("params.yaml"))
+    run_id = run_training("finetune", load_params("params.yaml"))
     run, parent_id = _run(run_id), (project / "models/pretrain/run_id").read_text().strip()
     assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.tags["stage"] == "finetune"
     assert run.data.params["pretrain.mask_ratio"] == "0.75"  # inherited: a column here too
@@ -78,7 +58,7 @@ def test_finetune_is_a_child_run_that_inherits_pretrain_params_and_keeps_the_bes
 
 
 def test_linprobe_trains_only_the_head_on_cached_features(project):
-    run_id = run_linprobe(load_params("params.yaml"))
+    run_id = run_training("linprobe", load_params("params.yaml"))
     assert _run(run_id).data.params["linprobe.cached_features"] == "True"
     probe = load_file(str(project / "models/linprobe/model.safetensors"))
     mae = load_file(str(project / "models/pretrain/model.safetensors"))
@@ -97,7 +77,7 @@ def test_scratch_is_finetune_from_the_pretrain_stages_initial_weights(project):
 
     p = load_params("params.yaml")
     rt = resolve_runtime(p.runtime)
-    start, control, tuned = Pretrainer(p, rt), ScratchFinetuner(p, rt), Finetuner(p, rt)
+    start, control, tuned = (c.create(p, rt) for c in (Pretrainer, ScratchFinetuner, Finetuner))
     initial = start.model.state_dict()
     assert control.pre.state.keys() == initial.keys()
     assert all(torch.equal(control.pre.state[k], initial[k]) for k in initial)
@@ -107,7 +87,7 @@ def test_scratch_is_finetune_from_the_pretrain_stages_initial_weights(project):
     assert tuned.optimizer.defaults["betas"] == control.optimizer.defaults["betas"] == (0.9, 0.999)
     assert start.optimizer.defaults["betas"] == (0.9, 0.95)
 
-    run_id = run_scratch(p)
+    run_id = run_training("scratch", p)
     run = _run(run_id)
     assert run.data.tags["stage"] == "scratch" and "mlflow.parentRunId" not in run.data.tags
     assert run.data.params["pretrain.run_id"] == "none (random init)"
@@ -119,9 +99,9 @@ def test_scratch_is_finetune_from_the_pretrain_stages_initial_weights(project):
 
 
 def test_evaluate_logs_to_the_run_and_its_parent(project):
-    run_finetune(load_params("params.yaml"))
-    run_linprobe(load_params("params.yaml"))
-    scratch_id = run_scratch(load_params("params.yaml"))
+    run_training("finetune", load_params("params.yaml"))
+    run_training("linprobe", load_params("params.yaml"))
+    scratch_id = run_training("scratch", load_params("params.yaml"))
     results = evaluate_stage(load_params("params.yaml"))
     assert [r["stage"] for r in results] == ["finetune", "linprobe", "scratch"]
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
@@ -166,7 +146,7 @@ def test_evaluate_bad_run_ids_are_one_line_errors(project):
 
 
 def test_evaluate_refuses_shards_of_another_dataset(project, tmp_path):
-    run_id = run_finetune(load_params("params.yaml"))
+    run_id = run_training("finetune", load_params("params.yaml"))
     idx_dataset(tmp_path / "raw", n_train=100, n_test=20, size=16, seed=7)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"].update(root=str(tmp_path / "raw"), shards=str(tmp_path / "shards"))
@@ -177,22 +157,11 @@ def test_evaluate_refuses_shards_of_another_dataset(project, tmp_path):
         evaluate_run(load_params(other), run_id)
 
 
-def test_unreachable_store_is_a_user_error(project, tmp_path):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tracking"]["uri"] = "http://127.0.0.1:9"
-    bad = tmp_path / "params.yaml"
-    bad.write_text(yaml.safe_dump(project_params(params)))
-    with pytest.raises(UserError, match="cannot reach the MLflow tracking store at http"):
-        evaluate_run(load_params(bad), "0123456789abcdef")
-
-
 def test_downstream_needs_the_pretrained_model(tmp_path, monkeypatch):
+    build_project(tmp_path, **DOWNSTREAM)  # shards, and no pretrain run
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text(yaml.safe_dump(project_params(PARAMS)))
-    idx_dataset(tmp_path / "raw", n_train=100, n_test=20, size=16)
-    run_shard(load_params("params.yaml").data)
     with pytest.raises(UserError, match=r"no pretrained model: models/pretrain/config.json"):
-        run_finetune(load_params("params.yaml"))
+        run_training("finetune", load_params("params.yaml"))
 
 
 def _cut_power_in_epoch(p, monkeypatch, epoch: int) -> None:
@@ -210,7 +179,7 @@ def _cut_power_in_epoch(p, monkeypatch, epoch: int) -> None:
 
     monkeypatch.setattr(Finetuner, "validate", power_cut)
     with pytest.raises(RuntimeError, match="power cut"):
-        run_finetune(p)
+        run_training("finetune", p)
     monkeypatch.setattr(Finetuner, "validate", validate)
 
 
@@ -220,7 +189,7 @@ def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(pr
     raw["finetune"] = {**raw["finetune"], "epochs": 3}
     (project / "params-3.yaml").write_text(yaml.safe_dump(project_params(raw)))
     p = load_params("params-3.yaml")
-    reference = run_finetune(p)
+    reference = run_training("finetune", p)
     expected = load_file(str(project / "models/finetune/model.safetensors"))
     expected_curve = [
         m.value for m in mlflow.MlflowClient().get_metric_history(reference, "epoch/loss")
@@ -234,7 +203,7 @@ def test_an_interrupted_finetune_resumes_its_run_and_ends_as_if_uninterrupted(pr
         [client.get_experiment_by_name("test").experiment_id],
         "attributes.status = 'FAILED' and tags.stage = 'finetune'",
     )
-    resumed = run_finetune(p)
+    resumed = run_training("finetune", p)
     assert resumed == interrupted.info.run_id and _run(resumed).info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(resumed, "epoch/loss")
     assert [m.step for m in history] == [1, 2, 3]  # epoch 2 logged once, by the resumed run
@@ -249,23 +218,16 @@ def test_fine_tuning_learns_what_is_learnable(tmp_path, monkeypatch):
     """On images whose class is where a bright square lies (4 classes), a few fine-tuning
     epochs from a random encoder reach a test top-1 far above chance (25 %): the stage,
     its loader and its evaluation do learn. Uniform noise could not show this."""
+    build_project(
+        tmp_path,
+        dataset=lambda raw: bands_dataset(raw, n_train=640, n_test=200),
+        data={"class_names": ["0", "1", "2", "3"]},
+        finetune={"epochs": 8, "batch_size": 32, "blr": 2e-2, "scale_min": 1.0, "drop_path": 0},
+    )
     monkeypatch.chdir(tmp_path)
-    bands_dataset(tmp_path / "raw", n_train=640, n_test=200)
-    params = {
-        **PARAMS,
-        "data": {**PARAMS["data"], "class_names": ["0", "1", "2", "3"]},
-        "finetune": {
-            "epochs": 8,
-            "batch_size": 32,
-            "blr": 2e-2,
-            "scale_min": 1.0,
-            "drop_path": 0.0,
-        },
-        "tracking": {"experiment": "test", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }
-    Path("params.yaml").write_text(yaml.safe_dump(project_params(params)))
-    run_shard(load_params("params.yaml").data)
-    (result,) = evaluate_run(load_params("params.yaml"), run_scratch(load_params("params.yaml")))
+    (result,) = evaluate_run(
+        load_params("params.yaml"), run_training("scratch", load_params("params.yaml"))
+    )
     assert result["count"] == 200
     assert result["top1"] >= 0.6, result["confusion"]  # 0.745 when written
 
@@ -276,7 +238,7 @@ def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monk
     raw["finetune"] = {**raw["finetune"], "epochs": 3}
     (project / "params-3.yaml").write_text(yaml.safe_dump(project_params(raw)))
     p = load_params("params-3.yaml")
-    run_finetune(p)
+    run_training("finetune", p)
     expected = load_file(str(project / "models/finetune/model.safetensors"))
 
     _cut_power_in_epoch(p, monkeypatch, 3)  # after the checkpoints of epochs 1 and 2
@@ -284,21 +246,21 @@ def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monk
     assert [c.name for c in kept] == ["epoch-0000", "epoch-0001"]
     state = kept[-1] / "state.json"
     state.write_text(state.read_text()[:100])  # the newest cut short, as by a full disk
-    run_finetune(p)
+    run_training("finetune", p)
     assert f"{kept[-1].parent.name}/epoch-0001 cannot be read (Unterminated" in caplog.text
     got = load_file(str(project / "models/finetune/model.safetensors"))
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # as if uninterrupted
 
 
 def test_cached_features_keep_every_row_in_order_across_buffers(monkeypatch):
-    from pipeline.train.eval import Rows
+    from pipeline.train.eval import RowBuffer
 
-    monkeypatch.setattr(Rows, "BYTES", 3 * 2 * 4)  # three rows of two float32 per buffer
-    rows, parts = Rows(), [torch.randn(n, 2) for n in (2, 5, 0, 1)]
+    monkeypatch.setattr(RowBuffer, "BYTES", 3 * 2 * 4)  # three rows of two float32 per buffer
+    rows, parts = RowBuffer(), [torch.randn(n, 2) for n in (2, 5, 0, 1)]
     for part in parts:
         rows.add(part)
     assert torch.equal(rows.tensor(), torch.cat(parts)) and len(rows.full) == 2
-    assert Rows().tensor().numel() == 0
+    assert RowBuffer().tensor().numel() == 0
 
 
 def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
@@ -320,8 +282,8 @@ def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
     p = parse_params(raw)
     run_shard(p.data)
     with caplog.at_level("WARNING", logger="pipeline.train.stage"):
-        ScratchFinetuner(p, resolve_runtime(p.runtime))
-        Pretrainer(p, resolve_runtime(p.runtime))
+        ScratchFinetuner.create(p, resolve_runtime(p.runtime))
+        Pretrainer.create(p, resolve_runtime(p.runtime))
     assert (
         "scratch: 8 optimizer steps in all (2 epochs of 4 at an effective batch of 256): "
         "too few to learn much; raise finetune.epochs (or lower finetune.batch_size)"
@@ -331,5 +293,5 @@ def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
     enough = project_params({**raw, "finetune": {"batch_size": 16, "epochs": 3}})
     p = parse_params(enough)
     with caplog.at_level("WARNING", logger="pipeline.train.stage"):
-        ScratchFinetuner(p, resolve_runtime(p.runtime))  # 73 steps x 3 = 219
+        ScratchFinetuner.create(p, resolve_runtime(p.runtime))  # 73 steps x 3 = 219
     assert "optimizer steps in all" not in caplog.text

@@ -10,12 +10,11 @@ import torch
 
 from mae.optim import build_adamw
 from pipeline.params import load_params
-from pipeline.stages.pretrain import run_pretrain
+from pipeline.stages import run_training
 from pipeline.tools.bench import bench_train_step
 from pipeline.train.runtime import resolve_runtime
-from tests.factory import ROOT
+from tests.factory import ROOT, build_project
 from tests.test_distributed import check_same_training, run_one_and_two_ranks
-from tests.test_pretrain import make_project
 
 pytestmark = pytest.mark.gpu
 
@@ -26,13 +25,13 @@ def test_auto_runtime_is_cuda_in_bf16():
 
 
 def test_pretrain_on_cuda_in_bf16_compiled(tmp_path, monkeypatch):
-    params = make_project(
+    params = build_project(
         tmp_path / "p",
         pretrain={"epochs": 2},
         runtime={"device": "auto", "compile": True, "num_workers": 2},
     )
     monkeypatch.chdir(params.parent)
-    run_pretrain(load_params("params.yaml"))
+    run_training("pretrain", load_params("params.yaml"))
     metrics = json.loads(Path("metrics/pretrain.json").read_text())
     assert math.isfinite(metrics["loss"]) and metrics["img_per_s"] > 0
 
@@ -75,7 +74,7 @@ def test_training_steps_never_wait_for_the_host_between_log_points(
     from pipeline.stages.finetune import Finetuner
     from pipeline.stages.pretrain import Pretrainer
 
-    params = make_project(
+    params = build_project(
         tmp_path / "p",
         data={"in_memory": True},
         pretrain={"epochs": 3, "log_every": 3, "probe_every": 0},
@@ -86,8 +85,8 @@ def test_training_steps_never_wait_for_the_host_between_log_points(
     monkeypatch.chdir(params.parent)
     p = load_params("params.yaml")
     if stage == "finetune":
-        run_pretrain(p)
-    s = (Pretrainer if stage == "pretrain" else Finetuner)(p, resolve_runtime(p.runtime))
+        run_training("pretrain", p)
+    s = (Pretrainer if stage == "pretrain" else Finetuner).create(p, resolve_runtime(p.runtime))
     assert s.loader.in_memory and s.loop.graphs == (compile == "reduce-overhead")
     forward = s._loss
     s.net.train()

@@ -100,11 +100,11 @@ def test_the_shard_stage_index_matches_webdataset_reading(tmp_path):
         read_index([p.with_suffix(".idx") for p in paths], [3, 5])
 
 
-def _epoch(folder, split, purpose, rank, world, workers, batch, epoch):
+def _epoch(folder, split, augmentation, rank, world, workers, batch, epoch):
     loader = build_loader(
         folder,
         split,
-        purpose,
+        augmentation,
         batch_size=batch,
         img_size=8,
         num_workers=workers,
@@ -181,9 +181,9 @@ def test_rgb_imagefolder_of_mixed_sizes_loads_as_fixed_size_rgb(tmp_path):
     p = folder_params(tmp_path, root, val_fraction=0.25, test_fraction=0.25, workers=0)
     run_shard(p)
     aug = Augment(randaugment=True, reprob=0.25)
-    for purpose in ("pretrain", "finetune", "eval"):
+    for augmentation in ("pretrain", "finetune", "eval"):
         batch = next(
-            iter(build_loader(p.shards, "train", purpose, batch_size=4, img_size=16, aug=aug))
+            iter(build_loader(p.shards, "train", augmentation, batch_size=4, img_size=16, aug=aug))
         )
         assert batch["image"].shape == (4, 3, 16, 16)
 
@@ -196,8 +196,8 @@ def test_batches_per_epoch_matches_the_plan():
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
 def test_the_number_of_workers_does_not_change_the_batches(tmp_path):
     folder = shard_set(tmp_path / "shards", UNEVEN)
-    for purpose, split in (("pretrain", "train"), ("eval", "test")):
-        runs = [_epoch(folder, split, purpose, 0, 1, w, 4, 1) for w in (0, 1, 3)]
+    for augmentation, split in (("pretrain", "train"), ("eval", "test")):
+        runs = [_epoch(folder, split, augmentation, 0, 1, w, 4, 1) for w in (0, 1, 3)]
         keys = [[b["key"] for b in batches] for batches in runs]
         assert keys[0] == keys[1] == keys[2]
         labels = [torch.cat([b["label"] for b in batches]) for batches in runs]

@@ -28,13 +28,13 @@ def shards(tmp_path_factory):
     return p.shards
 
 
-def _epoch(shards, split, purpose, in_memory, *, rank, world, batch, epoch, seed, workers=0):
+def _epoch(shards, split, augmentation, in_memory, *, rank, world, batch, epoch, seed, workers=0):
     loader = build_loader(
         shards,
         split,
-        purpose,
+        augmentation,
         batch_size=batch,
-        img_size=12 if purpose == "eval" else 8,
+        img_size=12 if augmentation == "eval" else 8,
         num_workers=workers,
         seed=seed,
         rank=rank,
@@ -54,11 +54,11 @@ CASES = list(itertools.product([1, 2], [4, 7, 16], [(0, 0), (3, 5)]))
 @pytest.mark.parametrize(("world", "batch", "epoch_seed"), CASES)
 def test_held_batches_are_bitwise_the_streamed_ones(shards, world, batch, epoch_seed):
     epoch, seed = epoch_seed
-    for split, purpose in (("train", "pretrain"), ("test", "eval")):
+    for split, augmentation in (("train", "pretrain"), ("test", "eval")):
         for rank in range(world):
             kw = dict(rank=rank, world=world, batch=batch, epoch=epoch, seed=seed)
-            streamed, a = _epoch(shards, split, purpose, False, **kw)
-            held, b = _epoch(shards, split, purpose, True, **kw)
+            streamed, a = _epoch(shards, split, augmentation, False, **kw)
+            held, b = _epoch(shards, split, augmentation, True, **kw)
             assert [x["key"] for x in a] == [x["key"] for x in b]
             for x, y in zip(a, b, strict=True):
                 assert x["image"].dtype == y["image"].dtype == torch.uint8
@@ -96,15 +96,15 @@ def test_a_split_is_decoded_once_per_process_and_shared_by_its_loaders(shards, m
         return real(reader, key, device, passes)
 
     monkeypatch.setattr("pipeline.data.loader.held", counting)
-    for purpose, batch in (("pretrain", 8), ("eval", 50), ("pretrain", 16)):
-        _epoch(shards, "train", purpose, True, rank=0, world=1, batch=batch, epoch=0, seed=0)
+    for augmentation, batch in (("pretrain", 8), ("eval", 50), ("pretrain", 16)):
+        _epoch(shards, "train", augmentation, True, rank=0, world=1, batch=batch, epoch=0, seed=0)
     assert len(decoded) == 1
 
 
 def test_auto_holds_small_splits_of_one_size_and_streams_the_rest(shards, tmp_path, monkeypatch):
-    def loader(shards, purpose="pretrain", setting="auto", **kw):
+    def loader(shards, augmentation="pretrain", setting="auto", **kw):
         return build_loader(
-            shards, "train", purpose, batch_size=4, img_size=8, in_memory=setting, **kw
+            shards, "train", augmentation, batch_size=4, img_size=8, in_memory=setting, **kw
         )
 
     assert loader(shards).in_memory and not loader(shards, setting=False).in_memory
@@ -144,14 +144,13 @@ def test_a_pipeline_with_its_splits_in_memory_ends_with_the_weights_of_a_streame
     from safetensors.torch import load_file
 
     from pipeline.params import load_params
-    from pipeline.stages.finetune import run_finetune
-    from pipeline.stages.pretrain import run_pretrain
-    from tests.test_pretrain import make_project
+    from pipeline.stages import run_training
+    from tests.factory import build_project
 
     weights = {}
     for setting, workers in ((False, 1), (True, 0)):
         folder = tmp_path / str(setting)
-        make_project(
+        build_project(
             folder,
             data={"in_memory": setting},
             runtime={"num_workers": workers},
@@ -159,8 +158,8 @@ def test_a_pipeline_with_its_splits_in_memory_ends_with_the_weights_of_a_streame
         )
         monkeypatch.chdir(folder)
         p = load_params("params.yaml")
-        run_pretrain(p)
-        run_finetune(p)
+        run_training("pretrain", p)
+        run_training("finetune", p)
         weights[setting] = [
             load_file(f"models/{s}/model.safetensors") for s in ("pretrain", "finetune")
         ]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mae import MaskedAutoencoderViT, create_mae, keep_count, mae_config
+from mae import MaskedAutoencoderViT, create_mae, len_keep, mae_config
 from mae.pos_embed import sincos_2d
 
 
@@ -76,7 +76,7 @@ def test_same_noise_gives_the_same_mask_and_smallest_noise_is_kept():
     assert torch.equal(mask_a, mask_b)
     _, _, mask_c = model(imgs, 0.75, torch.rand(2, model.cfg.num_patches))
     assert not torch.equal(mask_a, mask_c)
-    keep = keep_count(model.cfg.num_patches, 0.75)
+    keep = len_keep(model.cfg.num_patches, 0.75)
     smallest = torch.argsort(noise, dim=1)[:, :keep]
     assert torch.all(torch.gather(mask_a, 1, smallest) == 0)
 

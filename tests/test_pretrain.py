@@ -2,11 +2,9 @@
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,54 +14,11 @@ import yaml
 from safetensors.torch import load_file
 
 from mae import MaskedAutoencoderViT
-from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
 from pipeline.params import load_params
-from pipeline.stages.pretrain import run_pretrain
+from pipeline.stages import run_training
 from pipeline.train.loop import Diverged
-from tests.factory import free_port, idx_dataset, project_params, run_cmd, wait_for_http
-
-PARAMS = {
-    "data": {"source": "idx", "root": "raw", "shard_max_count": 100, "workers": 0},
-    "model": {"name": "mae_vit_test"},
-    "pretrain": {
-        "epochs": 3,
-        "batch_size": 32,
-        "log_every": 2,
-        "recon_every": 1,
-        "probe_every": 2,
-        "warmup_epochs": 1,
-        "blr": 1e-3,
-    },
-    "runtime": {"num_workers": 0, "device": "cpu"},
-    "tracking": {"experiment": "test"},
-}
-
-
-def make_project(folder: Path, **overrides) -> Path:
-    """A project folder with synthetic shards and params.yaml; -> params path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    idx_dataset(folder / "raw", n_train=200, n_test=40, size=16)
-    params = json.loads(json.dumps(PARAMS))
-    for section, values in overrides.items():
-        params[section] = {**params.get(section, {}), **values}
-    params["tracking"]["uri"] = f"sqlite:///{folder / 'mlflow.db'}"
-    (folder / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run_shard(load_params("params.yaml").data)
-    finally:
-        os.chdir(cwd)
-    return folder / "params.yaml"
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    make_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
+from tests.factory import MAE_CLI, build_project, cmd_env, project_params, run_cmd
 
 
 def _runs(folder: Path):
@@ -72,7 +27,7 @@ def _runs(folder: Path):
 
 
 def test_run_logs_params_metrics_artifacts_tags_and_dataset(project):
-    run_id = run_pretrain(load_params("params.yaml"))
+    run_id = run_training("pretrain", load_params("params.yaml"))
     assert (project / "models/pretrain/run_id").read_text().strip() == run_id
     (run,) = _runs(project)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
@@ -124,9 +79,9 @@ def test_run_logs_params_metrics_artifacts_tags_and_dataset(project):
 def test_same_seed_gives_the_same_losses_and_weights(tmp_path, monkeypatch):
     results = []
     for name in ("a", "b"):
-        params = make_project(tmp_path / name)
+        params = build_project(tmp_path / name)
         monkeypatch.chdir(params.parent)
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
         weights = load_file("models/pretrain/model.safetensors")
         curve = (params.parent / "plots/pretrain/loss.csv").read_text()
         results.append((weights, curve))
@@ -138,22 +93,22 @@ def test_same_seed_gives_the_same_losses_and_weights(tmp_path, monkeypatch):
 def test_the_knn_probe_and_system_metrics_can_be_turned_off_and_knn_needs_a_val_split(
     tmp_path, monkeypatch
 ):
-    params = make_project(
+    params = build_project(
         tmp_path / "off",
         pretrain={"epochs": 1, "probe_every": 0},
         tracking={"system_metrics": False},
     )
     monkeypatch.chdir(params.parent)
-    run_id = run_pretrain(load_params("params.yaml"))
+    run_id = run_training("pretrain", load_params("params.yaml"))
     assert "knn_top1" not in json.loads(Path("metrics/pretrain.json").read_text())
     (run,) = [r for r in _runs(params.parent) if r.info.run_id == run_id]
     assert "train/loss" in run.data.metrics
     assert not [m for m in run.data.metrics if m.startswith("system/")]
     assert Path("plots/pretrain/knn.csv").read_text().strip() == "epoch,knn_top1"
-    params = make_project(tmp_path / "noval", data={"val_fraction": 0.0})
+    params = build_project(tmp_path / "noval", data={"val_fraction": 0.0})
     monkeypatch.chdir(params.parent)
     with pytest.raises(UserError, match="the val split is empty: the k-NN probe queries it"):
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
 
 
 def test_the_knn_bank_is_a_fixed_subset_of_the_train_split(project, monkeypatch):
@@ -172,7 +127,7 @@ def test_the_knn_bank_is_a_fixed_subset_of_the_train_split(project, monkeypatch)
     p = load_params("params.yaml")
     for size, expected in ((64, 64), (None, 180)):
         params = p.model_copy(update={"pretrain": p.pretrain.model_copy(update={"knn_bank": size})})
-        trainer = stage.Pretrainer(params, resolve_runtime(p.runtime))
+        trainer = stage.Pretrainer.create(params, resolve_runtime(p.runtime))
         trainer.probe.run()
         trainer.probe.run()
         assert len(banks[-1]) == expected and banks[-1] == banks[-2]
@@ -205,7 +160,7 @@ def test_non_finite_loss_stops_with_step_epoch_lr_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
     with pytest.raises(Diverged, match=r"loss is nan at step 12 \(epoch 3, lr [0-9.e-]+\)"):
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
     kept = sorted(c.name for c in (project / ".checkpoints").glob("pretrain-*/epoch-*"))
     assert kept == ["epoch-0000", "epoch-0001"]  # epochs 1 and 2 are kept, the newest two
     (run,) = _runs(project)
@@ -223,50 +178,27 @@ def test_a_checkpoint_does_not_leak_into_a_run_with_other_params(project, monkey
 
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
     with pytest.raises(Diverged):
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", original)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"]["mask_ratio"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
-    run_id = run_pretrain(load_params("params.yaml"))
+    run_id = run_training("pretrain", load_params("params.yaml"))
     runs = {r.info.run_id: r for r in _runs(project)}
     assert len(runs) == 2 and runs[run_id].data.params["pretrain.mask_ratio"] == "0.5"
     steps = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
     assert min(m.step for m in steps) == 2  # started from scratch, not from the old epoch
 
 
-def test_unreachable_tracking_server_fails_at_once_naming_the_uri(project):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tracking"]["uri"] = "http://127.0.0.1:9"
-    (project / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
-    start = time.monotonic()
-    with pytest.raises(
-        UserError,
-        match=r"cannot reach the MLflow tracking store at "
-        r"http://127.0.0.1:9",
-    ):
-        run_pretrain(load_params("params.yaml"))
-    assert time.monotonic() - start < 30
-
-
-def _mae_cli() -> str:
-    return str(Path(sys.executable).with_name("mae-cli"))
-
-
-def _clean_env() -> dict[str, str]:
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: keep it from the children."""
-    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_the_same_mlflow_run_and_ends_with_the_same_weights(tmp_path):
     overrides = {"pretrain": {"epochs": 6}}
-    reference = make_project(tmp_path / "reference", **overrides).parent
+    reference = build_project(tmp_path / "reference", **overrides).parent
     run_cmd(["mae-cli", "pretrain"], reference)
-    killed = make_project(tmp_path / "killed", **overrides).parent
+    killed = build_project(tmp_path / "killed", **overrides).parent
     proc = subprocess.Popen(
-        [_mae_cli(), "pretrain"],
-        env=_clean_env(),
+        [MAE_CLI, "pretrain"],
+        env=cmd_env(),
         cwd=killed,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -298,7 +230,7 @@ def test_a_stage_that_fails_writing_its_outputs_leaves_the_previous_ones_whole(
 ):
     from pipeline import reports
 
-    run_pretrain(load_params("params.yaml"))
+    run_training("pretrain", load_params("params.yaml"))
     outputs = [*sorted((project / "models/pretrain").iterdir()), project / "metrics/pretrain.json"]
     outputs += sorted((project / "plots/pretrain").iterdir())
     before = {path: path.read_bytes() for path in outputs}
@@ -311,95 +243,10 @@ def test_a_stage_that_fails_writing_its_outputs_leaves_the_previous_ones_whole(
 
     monkeypatch.setattr(reports, "plot_curve", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
     assert {path: path.read_bytes() for path in outputs} == before  # the previous run, whole
     assert sorted((project / "models/pretrain").iterdir()) == outputs[:4]
     assert not [p for p in project.rglob("*") if p.name.endswith((".staging", ".old"))]
-
-
-@pytest.mark.slow
-def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_end(tmp_path):
-    """A team's `mlflow server` (started here on 127.0.0.1) killed after the first epoch:
-    the stage does not stall, finishes its epochs and outputs, then fails in one line."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", server)
-        project = make_project(tmp_path / "p", pretrain={"epochs": 4, "probe_every": 0}).parent
-        raw = yaml.safe_load((project / "params.yaml").read_text())
-        raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
-        (project / "params.yaml").write_text(yaml.safe_dump(raw))
-        env = {**_clean_env(), "MAE_MLFLOW_RETRY_S": "2", "MAE_MLFLOW_FLUSH_S": "4"}
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            [_mae_cli(), "pretrain"], env=env, cwd=project, stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "pretrain epoch 1/4" in line:
-                os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
-        proc.wait(timeout=120)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-    assert time.monotonic() - start < 100  # no minutes of retries
-    assert proc.returncode == 1, "".join(lines)
-    assert any("pretrain epoch 4/4" in line for line in lines)  # training went on
-    last = lines[-1].strip()
-    assert last.startswith("mae-cli: error: the MLflow store stopped answering"), last
-    assert "were not sent; the stage's outputs are written" in last
-    assert (project / "models/pretrain/run_id").is_file()  # the work is kept
-
-
-def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_and_not_compared(project):
-    from pipeline.tools.compare import compare_rows
-
-    first = run_pretrain(load_params("params.yaml"))
-    client = mlflow.MlflowClient()
-    finished = client.get_run(first)
-    key = finished.data.tags["checkpoint.key"]
-    tags = {"stage": "pretrain", "checkpoint.key": key}
-    dead = client.create_run(finished.info.experiment_id, tags=tags)  # as a SIGKILL leaves it
-    client.log_param(dead.info.run_id, "pretrain.mask_ratio", "0.75")
-    assert client.get_run(dead.info.run_id).info.status == "RUNNING"
-    second = run_pretrain(load_params("params.yaml"))  # the same params: a fresh start
-    assert client.get_run(dead.info.run_id).info.status == "KILLED"
-    rows = compare_rows(load_params("params.yaml"))
-    assert {r["run_id"] for r in rows} == {first, second}
-
-
-def test_artifacts_kept_in_two_outages_are_all_sent(tmp_path, monkeypatch):
-    from pipeline import tracking
-
-    monkeypatch.setattr(tracking, "RETRY_S", 0.0)
-    up, sent = {"yes": False}, []
-
-    def upload(self, path, artifact_dir):
-        if not up["yes"]:
-            raise ConnectionError("connection refused")
-        sent.append(Path(path).read_text())
-
-    monkeypatch.setattr(tracking.Run, "_log_file", upload)
-    run = tracking.Run("r", keep=True)
-    for outage in ("first", "second"):
-        for i in range(2):
-            (tmp_path / "a.txt").write_text(f"{outage} {i}")
-            run.log_file(tmp_path / "a.txt")  # kept: the store is down
-        up["yes"] = True
-        (tmp_path / "a.txt").write_text(f"{outage} back")
-        run.log_file(tmp_path / "a.txt")  # the store is back: the kept ones go first
-        up["yes"] = False
-    up["yes"] = True
-    run.close()
-    expected = [f"{o} {i}" for o in ("first", "second") for i in ("0", "1", "back")]
-    assert sent == expected
 
 
 class _Terminal(io.StringIO):
@@ -408,11 +255,11 @@ class _Terminal(io.StringIO):
 
 
 def test_a_terminal_gets_a_progress_bar_per_epoch_and_a_log_does_not(tmp_path, monkeypatch):
-    params = make_project(tmp_path, pretrain={"epochs": 1, "probe_every": 1})
+    params = build_project(tmp_path, pretrain={"epochs": 1, "probe_every": 1})
     monkeypatch.chdir(params.parent)
     for stderr in (_Terminal(), io.StringIO()):
         monkeypatch.setattr(sys, "stderr", stderr)
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
         text = stderr.getvalue()
         if stderr.isatty():  # the epoch's steps with loss and img/s, then the k-NN features
             assert "epoch 1" in text and "loss=" in text and "img_s=" in text

@@ -21,9 +21,8 @@ from pipeline.data.shard import run_shard
 from pipeline.data.store import ShardStore
 from pipeline.errors import UserError
 from pipeline.params import load_params
-from pipeline.stages.pretrain import run_pretrain
-from tests.factory import ROOT, data_params, idx_dataset
-from tests.test_pretrain import make_project
+from pipeline.stages import run_training
+from tests.factory import ROOT, build_project, data_params, idx_dataset
 
 
 class Server:
@@ -78,9 +77,9 @@ def shards(tmp_path) -> Path:
     return out
 
 
-def _epoch(store, split, purpose, workers=0, epoch=1):
+def _epoch(store, split, augmentation, workers=0, epoch=1):
     loader = build_loader(
-        store, split, purpose, batch_size=8, img_size=12, num_workers=workers, seed=5
+        store, split, augmentation, batch_size=8, img_size=12, num_workers=workers, seed=5
     )
     loader.set_epoch(epoch)
     batches = list(loader)
@@ -101,8 +100,10 @@ def test_http_shards_load_exactly_what_local_files_load_and_are_fetched_once(sha
     cache = tmp_path / "cache"
     with serve(shards) as server:
         remote = ShardStore(server.url, cache)
-        for split, purpose, workers in (("train", "pretrain", 2), ("test", "eval", 0)):
-            assert _same(_epoch(remote, split, purpose, workers), _epoch(shards, split, purpose))
+        for split, augmentation, workers in (("train", "pretrain", 2), ("test", "eval", 0)):
+            assert _same(
+                _epoch(remote, split, augmentation, workers), _epoch(shards, split, augmentation)
+            )
         gets = server.gets(lambda g: len(_tars(g)) >= 11)
         assert len(_tars(gets)) == 11 and set(_tars(gets).values()) == {1}, gets  # fetched once
         _epoch(remote, "train", "pretrain", 2, epoch=2)
@@ -127,9 +128,9 @@ def test_training_starts_before_every_shard_is_local(shards, tmp_path):
 def test_a_pretrain_stage_on_http_shards_gives_the_losses_and_weights_of_local_shards(
     tmp_path, monkeypatch
 ):
-    params = make_project(tmp_path, pretrain={"epochs": 2, "probe_every": 1})
+    params = build_project(tmp_path, pretrain={"epochs": 2, "probe_every": 1})
     monkeypatch.chdir(tmp_path)
-    run_pretrain(load_params("params.yaml"))
+    run_training("pretrain", load_params("params.yaml"))
     local = (
         Path("plots/pretrain/loss.csv").read_text(),
         load_file("models/pretrain/model.safetensors"),
@@ -140,7 +141,7 @@ def test_a_pretrain_stage_on_http_shards_gives_the_losses_and_weights_of_local_s
         p["data"] |= {"shards": server.url, "cache": str(tmp_path / "cache")}
         p["paths"]["checkpoints"] = ".checkpoints-remote"  # not a resume of the local run
         params.write_text(yaml.safe_dump(p))
-        run_pretrain(load_params("params.yaml"))
+        run_training("pretrain", load_params("params.yaml"))
     curve, weights = (
         Path("plots/pretrain/loss.csv").read_text(),
         load_file("models/pretrain/model.safetensors"),

@@ -14,50 +14,43 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from PIL import Image
 
 from pipeline import tracking
 from pipeline.data.loader import build_loader
-from pipeline.data.shard import run_shard
 from pipeline.params import load_params
+from pipeline.stages import run_training
 from pipeline.stages.evaluate import evaluate_run
-from pipeline.stages.finetune import run_finetune
-from pipeline.stages.pretrain import run_pretrain
-from tests.factory import bands_dataset, free_port, image_bytes, project_params, wait_for_http
+from tests.factory import (
+    MAE_CLI,
+    bands_dataset,
+    build_project,
+    free_port,
+    image_bytes,
+    wait_for_http,
+)
 
 CLASSES = ["top", "upper", "lower", "bottom"]  # where the bright square lies
-PARAMS = {
-    "data": {"source": "idx", "root": "raw", "shard_max_count": 200, "workers": 0},
-    "model": {"name": "mae_vit_test"},
-    "pretrain": {"epochs": 1, "batch_size": 32, "log_every": 4},
+SERVED = {
+    "data": {"shard_max_count": 200, "class_names": CLASSES},
+    "pretrain": {"epochs": 1, "log_every": 4},
     "finetune": {"epochs": 4, "batch_size": 32, "blr": 2e-2, "scale_min": 1.0, "log_every": 4},
-    "runtime": {"num_workers": 0, "device": "cpu"},
+    "tracking": {"experiment": "serve"},
 }
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-CLI = str(Path(sys.executable).with_name("mae-cli"))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A project with a finetune run on learnable 16 px images, and its MLflow store."""
     folder = tmp_path_factory.mktemp("served")
-    bands_dataset(folder / "raw", n_train=320, n_test=40)
-    params = project_params(
-        PARAMS
-        | {
-            "data": PARAMS["data"] | {"class_names": CLASSES},
-            "tracking": {"experiment": "serve", "uri": f"sqlite:///{folder / 'mlflow.db'}"},
-        }
+    build_project(
+        folder,
+        dataset=lambda raw: bands_dataset(raw, n_train=320, n_test=40),
+        stages=("shard", "pretrain", "finetune"),
+        **SERVED,
     )
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.MonkeyPatch.context() as mp:  # a store an earlier module set must not leak in
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", params["tracking"]["uri"])
-        run_shard(load_params("params.yaml").data)
-        run_pretrain(load_params("params.yaml"))
-        run_id = run_finetune(load_params("params.yaml"))
-    return folder, run_id
+    return folder, (folder / "models/finetune/run_id").read_text().strip()
 
 
 @pytest.fixture
@@ -85,7 +78,7 @@ def _test_images(count: int) -> list[tuple[str, bytes]]:
 def _evaluate_cli(run_id: str, folder: Path) -> dict[str, dict]:
     """`mae-cli evaluate --run-id --predictions`: per test image key, its CSV row."""
     subprocess.run(
-        [CLI, "evaluate", "--run-id", run_id, "--predictions", "preds"],
+        [MAE_CLI, "evaluate", "--run-id", run_id, "--predictions", "preds"],
         check=True,
         capture_output=True,
         timeout=300,
@@ -184,7 +177,7 @@ def test_mlflow_models_serve_answers_as_mae_cli_evaluate(project):
 
 def _predict(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [CLI, "predict", *args], capture_output=True, text=True, timeout=300, check=False
+        [MAE_CLI, "predict", *args], capture_output=True, text=True, timeout=300, check=False
     )
 
 
@@ -249,7 +242,7 @@ def test_register_points_champion_at_the_best_test_top1(project, tmp_path):
     )
     (result,) = evaluate_run(registered, run_id)
     assert result["registered"] == {"name": "bands", "version": 1, "champion": 1}
-    second = run_finetune(p)  # the same recipe again: a second run, a second version
+    second = run_training("finetune", p)  # the same recipe again: a second run, a second version
     run = mlflow.get_run(second)
     worse = tracking.register_champion("bands", run, result["top1"] - 0.1)
     assert worse == {"name": "bands", "version": 2, "champion": 1}

@@ -323,10 +323,10 @@ def test_smaller_mistakes_are_named(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--run-id", ""])
     assert result.exit_code == 2 and "--run-id is empty" in result.output
-    result = runner.invoke(app, ["bench", "data", "--purpose", "nonsense"])
+    result = runner.invoke(app, ["bench", "data", "--augmentation", "nonsense"])
     assert (
         result.exit_code == 2
-        and "--purpose must be one of pretrain, finetune, eval" in result.output
+        and "--augmentation must be one of pretrain, finetune, eval" in result.output
     )
     long = RuntimeError("connection refused " * 30)
     assert first_line(long).endswith("refused ...") and len(first_line(long)) <= 204

@@ -37,7 +37,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from mae.augment import eval_transform
 from pipeline.data.memory import held, hold_split
-from pipeline.data.plan import SHUFFLE_WINDOW, EpochPlan, Purpose
+from pipeline.data.plan import SHUFFLE_WINDOW, Augmentation, EpochPlan
 from pipeline.data.reader import SplitReader
 from pipeline.data.store import ShardStore, as_store
 from pipeline.errors import UserError, os_error_text
@@ -54,18 +54,22 @@ class Augment:
 
 
 def build_transform(
-    purpose: Purpose, img_size: int, mean: list[float], std: list[float], aug: Augment = Augment()
+    augmentation: Augmentation,
+    img_size: int,
+    mean: list[float],
+    std: list[float],
+    aug: Augment = Augment(),
 ) -> v2.Compose:
-    if purpose == "eval":
+    if augmentation == "eval":
         return eval_transform(img_size, mean, std, aug.crop_pct)
     bicubic = InterpolationMode.BICUBIC
     ops = [v2.RandomResizedCrop(img_size, scale=(aug.scale_min, 1.0), interpolation=bicubic)]
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip())
-    if purpose == "finetune" and aug.randaugment:
+    if augmentation == "finetune" and aug.randaugment:
         ops.append(v2.RandAugment(num_ops=2, magnitude=9))
     ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if purpose == "finetune" and aug.reprob > 0:
+    if augmentation == "finetune" and aug.reprob > 0:
         ops.append(v2.RandomErasing(p=aug.reprob, value=0))
     return v2.Compose(ops)
 
@@ -189,7 +193,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 def build_loader(
     shards: ShardStore | Path | str,
     split: str,
-    purpose: Purpose,
+    augmentation: Augmentation,
     *,
     batch_size: int,
     img_size: int,
@@ -203,9 +207,9 @@ def build_loader(
     in_memory: bool | str = False,
     device: torch.device | None = None,
 ) -> Loader:
-    """The loader for `split` ("train", "val", "test") and `purpose` from the shards' manifest.
+    """The loader for `split` ("train", "val", "test") and `augmentation` from the shards' manifest.
 
-    Rank and world size default to the process group's. Training purposes shuffle and drop
+    Rank and world size default to the process group's. Training augmentations shuffle and drop
     the few samples that do not fill a global batch; "eval" reads every sample exactly once.
     `in_memory` is `data.in_memory` (True, False or "auto", see `memory`); `device` is
     where a held split lives and where batches go (pinned memory for CUDA). Raises
@@ -220,12 +224,12 @@ def build_loader(
     device = device or torch.device("cpu")
     rank, world_size = _rank_and_world(rank, world_size)
     transform, device_augment, per_image = _transforms(
-        manifest, purpose, img_size, aug, batch_augment
+        manifest, augmentation, img_size, aug, batch_augment
     )
     mode = "L" if manifest["channels"] == 1 else "RGB"
     reader = SplitReader(store, entries, store.index(entries), mode)
     plan = EpochPlan(
-        reader.counts, batch_size, purpose != "eval", seed, rank, world_size, shuffle_window
+        reader.counts, batch_size, augmentation != "eval", seed, rank, world_size, shuffle_window
     )
     if hold_split(in_memory, manifest, split, per_image, device):
         key = (store.location, store.digest(), split)
@@ -235,7 +239,9 @@ def build_loader(
     return Loader(plan, reader, manifest, source, device_augment)
 
 
-def _transforms(manifest: dict, purpose: Purpose, img_size: int, aug: Augment, batch_augment: bool):
+def _transforms(
+    manifest: dict, augmentation: Augmentation, img_size: int, aug: Augment, batch_augment: bool
+):
     """-> (per-image CPU transform or None, batched device augmentation or None, why images
     go through the CPU one by one or None).
 
@@ -246,21 +252,25 @@ def _transforms(manifest: dict, purpose: Purpose, img_size: int, aug: Augment, b
     from mae.augment import RandomResizedCropFlip
 
     size = manifest.get("image_size")
-    if purpose != "eval" and aug.randaugment:
+    if augmentation != "eval" and aug.randaugment:
         why = "RandAugment (finetune.randaugment) runs per image on the CPU"
-    elif purpose != "eval" and aug.reprob > 0:
+    elif augmentation != "eval" and aug.reprob > 0:
         why = "random erasing (finetune.reprob) runs per image on the CPU"
     elif size is None:
         why = "the images differ in size"
-    elif purpose == "eval" and (tuple(size) != (img_size, img_size) or aug.crop_pct != 1.0):
+    elif augmentation == "eval" and (tuple(size) != (img_size, img_size) or aug.crop_pct != 1.0):
         why = f"the {size[0]}x{size[1]} images are resized to {img_size} px per image"
     elif not batch_augment:
         why = "the augmentation was asked to run per image on the CPU"
     else:
         why = None
-    if why is None and purpose == "eval":
+    if why is None and augmentation == "eval":
         return None, None, None
     if why is None:
         crop = RandomResizedCropFlip(img_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip)
         return None, crop, None
-    return build_transform(purpose, img_size, manifest["mean"], manifest["std"], aug), None, why
+    return (
+        build_transform(augmentation, img_size, manifest["mean"], manifest["std"], aug),
+        None,
+        why,
+    )

@@ -8,7 +8,9 @@ from typing import Literal
 
 import numpy as np
 
-Purpose = Literal["pretrain", "finetune", "eval"]  # what a loader's batches are for
+# The augmentation a loader applies: the pretraining crops, fine-tuning's (RandAugment,
+# random erasing: `Augment`), or none (eval: resize and centre crop only).
+Augmentation = Literal["pretrain", "finetune", "eval"]
 SHUFFLE_WINDOW = 20_000  # samples shuffled together; more than Fashion-MNIST's train split
 
 

@@ -10,7 +10,6 @@ import io
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from pipeline import reports, tracking
@@ -23,8 +22,8 @@ from pipeline.train.stage import Stage, speed
 
 
 class Downstream(Stage):
-    """Subclasses build `model`, `optimizer`, `loop`, `config` and implement `fit` (one
-    epoch's training -> its summary) and `validate` (-> val top-1)."""
+    """Subclasses write the build steps, set `config` and implement `fit` (one epoch's
+    training -> its summary) and `validate` (-> val top-1)."""
 
     config: dict  # the saved classifier's config.json
 
@@ -42,7 +41,6 @@ class Downstream(Stage):
                 "(set data.val_fraction above 0)"
             )
         self.val_loader = self.loader_for("val", "eval", 512, pre.cfg.image_hw[0])
-        self.generator = torch.Generator().manual_seed(p.runtime.seed)  # crops, shuffles
 
     def encoder(self, p: Params) -> Pretrained:
         """Where the encoder starts: the pretrain stage's output."""

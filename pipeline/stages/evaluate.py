@@ -20,11 +20,11 @@ from pipeline.data.loader import build_loader
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
+from pipeline.stages import CLASSIFIER_STAGES
 from pipeline.train.eval import evaluate
 from pipeline.train.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
-DOWNSTREAM = ("finetune", "linprobe", "scratch")
 
 
 def evaluate_run(
@@ -38,7 +38,7 @@ def evaluate_run(
     run = tracking.get_run(run_id)
     stage = run.data.tags.get("stage")
     if stage == "pretrain":
-        runs = tracking.child_runs(run, DOWNSTREAM)
+        runs = tracking.child_runs(run, CLASSIFIER_STAGES)
         if not runs:
             raise UserError(f"pretrain run {run_id} has no finetune or linprobe run to evaluate")
         control = run.data.tags.get(tracking.SCRATCH_TAG)
@@ -46,10 +46,10 @@ def evaluate_run(
             runs.append(tracking.get_run(control))
         log.info("run %s is a pretrain run: evaluating %d run(s)", run_id, len(runs))
         return with_gain([_evaluate_one(p, r, None, per_image) for r in runs])
-    if stage not in DOWNSTREAM:
+    if stage not in CLASSIFIER_STAGES:
         raise UserError(
-            f"run {run_id} is a {stage or 'untagged'} run; give a finetune, "
-            "linprobe, scratch or pretrain run"
+            f"run {run_id} is a {stage or 'untagged'} run; give a "
+            f"{', '.join(CLASSIFIER_STAGES)} or pretrain run"
         )
     return [_evaluate_one(p, run, folder, per_image)]
 
@@ -155,7 +155,7 @@ def evaluate_stage(p: Params, per_image: bool = False) -> list[dict]:
     """The DVC stage: this workspace's finetune, linprobe and scratch models ->
     evaluate.json, with `mae_gain`."""
     results = []
-    for stage in DOWNSTREAM:
+    for stage in CLASSIFIER_STAGES:
         folder = Path(p.paths.models) / stage
         if not (folder / "run_id").is_file():
             raise UserError(f"{folder / 'run_id'} is missing (run `dvc repro {stage}`)")

@@ -11,48 +11,47 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from mae import build_classifier
 from mae.optim import FINETUNE_BETAS, build_adamw, finetune_param_groups
 from pipeline.artifacts import classifier_config
-from pipeline.data.loader import Augment
-from pipeline.params import Params
+from pipeline.data.loader import Augment, Loader
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import evaluate
-from pipeline.train.runtime import Runtime, wrap
-from pipeline.train.stage import run_stage
 
 
 class Finetuner(Downstream):
     name = "finetune"
     hint = "Lower finetune.blr or set finetune.clip_grad."
 
-    def __init__(self, p: Params, rt: Runtime) -> None:
-        super().__init__(p, rt)
-        fp, pre = self.section, self.pre
-        self.model = build_classifier(
-            pre.cfg, self.num_classes, pre.state, drop_path_rate=fp.drop_path
-        ).to(rt.device)
-        self.net, ddp = wrap(self.model, rt, p.runtime.compile)
-        aug = Augment(scale_min=fp.scale_min, randaugment=fp.randaugment, reprob=fp.reprob)
-        self.loader = self.loader_for(
-            "train", "finetune", fp.batch_size, pre.cfg.image_hw[0], aug=aug
+    def build_model(self) -> torch.nn.Module:
+        pre = self.pre
+        return build_classifier(
+            pre.cfg, self.num_classes, pre.state, drop_path_rate=self.section.drop_path
         )
-        self.derive_lr()
-        groups = finetune_param_groups(self.model, fp.weight_decay, fp.layer_decay)
-        self.optimizer = build_adamw(groups, self.lr, FINETUNE_BETAS)
+
+    def build_loader(self) -> Loader:
+        s = self.section
+        aug = Augment(scale_min=s.scale_min, randaugment=s.randaugment, reprob=s.reprob)
+        return self.loader_for("train", "finetune", s.batch_size, self.pre.cfg.image_hw[0], aug=aug)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        s = self.section
+        groups = finetune_param_groups(self.model, s.weight_decay, s.layer_decay)
+        return build_adamw(groups, self.lr, FINETUNE_BETAS)
+
+    def prepare(self) -> None:
         self.mixup, self.criterion = self._criterion()
-        self.loop = self.build_loop(len(self.loader), ddp)
-        self.config = classifier_config(self.name, pre.cfg, self.manifest, self.digest, "avg")
+        self.config = classifier_config(self.name, self.pre.cfg, self.manifest, self.digest, "avg")
 
     def _criterion(self) -> tuple[Mixup | None, torch.nn.Module]:
-        fp = self.section
-        if fp.mixup > 0 or fp.cutmix > 0:  # mixup/cutmix make soft targets, smoothing inside
+        s = self.section
+        if s.mixup > 0 or s.cutmix > 0:  # mixup/cutmix make soft targets, smoothing inside
             mixup = Mixup(
-                mixup_alpha=fp.mixup,
-                cutmix_alpha=fp.cutmix,
-                label_smoothing=fp.smoothing,
+                mixup_alpha=s.mixup,
+                cutmix_alpha=s.cutmix,
+                label_smoothing=s.smoothing,
                 num_classes=self.num_classes,
             )
             return mixup, SoftTargetCrossEntropy()
-        if fp.smoothing > 0:
-            return None, LabelSmoothingCrossEntropy(fp.smoothing)
+        if s.smoothing > 0:
+            return None, LabelSmoothingCrossEntropy(s.smoothing)
         return None, torch.nn.CrossEntropyLoss()
 
     def derived_params(self) -> dict:
@@ -78,7 +77,3 @@ class Finetuner(Downstream):
             self.model, self.val_loader, rt.device, self.num_classes, rt.autocast, rt.dist
         )
         return result["top1"]
-
-
-def run_finetune(p: Params) -> str:
-    return run_stage(Finetuner, p)

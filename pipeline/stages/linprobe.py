@@ -5,19 +5,18 @@ features are computed once and cached, so an epoch costs only the head."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from mae import build_linear_probe
 from mae.optim import build_lars
 from pipeline.artifacts import classifier_config
-from pipeline.data.loader import Augment
+from pipeline.data.loader import Augment, Loader
 from pipeline.data.memory import free_bytes, to_device
-from pipeline.params import Params
 from pipeline.stages.downstream import Downstream
 from pipeline.train.eval import encode_split
-from pipeline.train.runtime import Runtime, wrap
-from pipeline.train.stage import run_stage
+from pipeline.train.runtime import wrap
 
 POOL = {"cls": "token", "avg": "avg"}
 
@@ -26,38 +25,54 @@ class LinearProber(Downstream):
     name = "linprobe"
     hint = "Lower linprobe.blr."
 
-    def __init__(self, p: Params, rt: Runtime) -> None:
-        super().__init__(p, rt)
-        lp, pre = self.section, self.pre
-        self.model = build_linear_probe(
-            pre.cfg, self.num_classes, pre.state, global_pool=POOL[lp.pool]
-        ).to(rt.device)
-        # augment: the pretraining crops, on every epoch; else eval images, encoded once
-        purpose, aug = ("pretrain", Augment()) if lp.augment else ("eval", Augment())
-        self.loader = self.loader_for("train", purpose, lp.batch_size, pre.cfg.image_hw[0], aug=aug)
-        self.derive_lr()
+    @property
+    def pool(self) -> str:
+        """What the head reads: timm's `global_pool`, "token" (cls) or "avg" (patches)."""
+        return POOL[self.section.pool]
+
+    def build_model(self) -> torch.nn.Module:
+        """The encoder, frozen, under BatchNorm1d + Linear (`mae.build_linear_probe`)."""
+        pre = self.pre
+        return build_linear_probe(pre.cfg, self.num_classes, pre.state, global_pool=self.pool)
+
+    def wrap(self) -> tuple[torch.nn.Module, Any]:
         # DDP over the head alone: the frozen encoder has no gradients to average
-        self.head, ddp = wrap(self.model.head, rt, compile=False)
-        if lp.optimizer == "lars":
-            self.optimizer = build_lars(self.model, self.lr, lp.weight_decay)
-        else:
-            head = [x for x in self.model.parameters() if x.requires_grad]
-            self.optimizer = torch.optim.SGD(
-                head, lr=self.lr, momentum=0.9, weight_decay=lp.weight_decay
-            )
-        count = self.manifest["splits"]["train"]["count"]  # cached: each feature once
-        batches = len(self.loader) if lp.augment else count // self.effective_batch
-        self.loop = self.build_loop(batches, ddp)  # a batch above the split fails here, first
+        return wrap(self.model.head, self.rt, compile=False)
+
+    def build_loader(self) -> Loader:
+        # augment: the pretraining crops, on every epoch; else eval images, encoded once
+        s = self.section
+        augmentation = "pretrain" if s.augment else "eval"
+        return self.loader_for(
+            "train", augmentation, s.batch_size, self.pre.cfg.image_hw[0], aug=Augment()
+        )
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        s = self.section
+        if s.optimizer == "lars":
+            return build_lars(self.model, self.lr, s.weight_decay)
+        head = [x for x in self.model.parameters() if x.requires_grad]
+        return torch.optim.SGD(head, lr=self.lr, momentum=0.9, weight_decay=s.weight_decay)
+
+    def batches_per_epoch(self) -> int:
+        # cached features: each once an epoch, in full global batches
+        count = self.manifest["splits"]["train"]["count"]
+        return len(self.loader) if self.section.augment else count // self.effective_batch
+
+    def prepare(self) -> None:
+        """The features of the val split and, without augmentation, of the train split."""
+        rt = self.rt
         self.model.eval()  # the encoder never trains; the head switches modes itself
         # each rank encodes its share of a split, and every rank gets all its features
-        train = None if lp.augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
+        augment = self.section.augment
+        train = None if augment else encode_split(self.loader, self._encode, rt.device, rt.dist)
         if train is not None and train[0].nbytes <= free_bytes(rt.device) // 2:
             train = tuple(t.to(rt.device) for t in train)  # no copy per step to a GPU
         self.train_cache = train
         self.val_cache = encode_split(self.val_loader, self._encode, rt.device, rt.dist)
-        self.config = classifier_config(
-            self.name, pre.cfg, self.manifest, self.digest, POOL[lp.pool]
-        )
+        # kind "linprobe" whatever the stage's name: what rebuilds it (classifier_from_config)
+        pre, kind = self.pre, "linprobe"
+        self.config = classifier_config(kind, pre.cfg, self.manifest, self.digest, self.pool)
 
     def derived_params(self) -> dict:
         return {"linprobe.lr": self.lr, "linprobe.cached_features": self.train_cache is not None}
@@ -94,7 +109,7 @@ class LinearProber(Downstream):
 
     def _loss(self, batch: dict) -> torch.Tensor:
         device = self.rt.device
-        logits = self.head(batch["feature"].to(device, non_blocking=True))
+        logits = self.net(batch["feature"].to(device, non_blocking=True))
         labels = batch["label"].to(device, non_blocking=True)
         return torch.nn.functional.cross_entropy(logits, labels)
 
@@ -105,7 +120,3 @@ class LinearProber(Downstream):
             logits = self.model.head(feats.to(self.rt.device)).cpu()
         top1 = (logits.argmax(1) == labels).float().mean().item()
         return top1 if math.isfinite(top1) else 0.0
-
-
-def run_linprobe(p: Params) -> str:
-    return run_stage(LinearProber, p)

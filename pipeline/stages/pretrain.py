@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mae import MaskedAutoencoderViT, keep_count, mae_config
+from mae import MaskedAutoencoderViT, len_keep, mae_config
 from mae.knn import knn_predict, pooled_features
 from mae.optim import build_adamw, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
@@ -24,8 +24,8 @@ from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.eval import encode_split
-from pipeline.train.runtime import Runtime, seed_everything, wrap
-from pipeline.train.stage import Stage, run_stage, speed
+from pipeline.train.runtime import Runtime, seed_everything
+from pipeline.train.stage import Stage, speed
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -50,26 +50,30 @@ class Pretrainer(Stage):
 
     def __init__(self, p: Params, rt: Runtime) -> None:
         super().__init__(p, rt)
-        self.pp = pp = p.pretrain
         shards = shard_store(p.data)
         self.manifest, self.digest = shards.manifest(), shards.digest()
-        seed_everything(p.runtime.seed)  # the same initial weights on every rank
-        self.model = build_model(p, self.manifest).to(rt.device)  # mask_ratio fits: params
-        self.net, ddp = wrap(self.model, rt, p.runtime.compile)
-        img_size = self.model.cfg.image_hw[0]
-        self.loader = self.loader_for("train", "pretrain", pp.batch_size, img_size)
-        self.derive_lr()
-        self.optimizer = build_adamw(pretrain_param_groups(self.model, pp.weight_decay), self.lr)
-        self.generator = torch.Generator().manual_seed(p.runtime.seed)  # masks and crops
-        self.probe = KnnProbe(self, img_size) if pp.probe_every else None
-        self.loop = self.build_loop(len(self.loader), ddp)
+
+    def build_model(self) -> MaskedAutoencoderViT:
+        seed_everything(self.p.runtime.seed)  # the same initial weights on every rank
+        return build_model(self.p, self.manifest)  # the mask ratio fits: checked in params
+
+    def build_loader(self):
+        batch_size, img_size = self.section.batch_size, self.model.cfg.image_hw[0]
+        return self.loader_for("train", "pretrain", batch_size, img_size)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        groups = pretrain_param_groups(self.model, self.section.weight_decay)
+        return build_adamw(groups, self.lr)
+
+    def prepare(self) -> None:
+        self.probe = KnnProbe(self) if self.section.probe_every else None
 
     def key(self) -> tuple:
         p, world = self.p, self.rt.dist.world_size
-        return flatten(p.model), flatten(self.pp), flatten(p.runtime), self.digest, world
+        return flatten(p.model), flatten(self.section), flatten(p.runtime), self.digest, world
 
     def run_name(self) -> str:
-        return f"{STAGE} mask={self.pp.mask_ratio}"
+        return f"{STAGE} mask={self.section.mask_ratio}"
 
     def run_params(self) -> dict:
         cfg = self.model.cfg
@@ -79,7 +83,7 @@ class Pretrainer(Stage):
             "model.parameters": sum(x.numel() for x in self.model.parameters()),
             "pretrain.lr": self.lr,
             "pretrain.effective_batch": self.effective_batch,
-            "pretrain.patches_kept": keep_count(cfg.num_patches, self.pp.mask_ratio),
+            "pretrain.patches_kept": len_keep(cfg.num_patches, self.section.mask_ratio),
             "data.train_in_memory": self.loader.in_memory,  # what data.in_memory resolved to
         }
 
@@ -100,13 +104,13 @@ class Pretrainer(Stage):
         self.net.train()
         self.loader.set_epoch(epoch)
         summary = self.loop.run(epoch, self.loader, self._loss, run, self.history.steps)
-        last = epoch + 1 == self.pp.epochs
-        if self.probe is not None and ((epoch + 1) % self.pp.probe_every == 0 or last):
+        last = epoch + 1 == self.section.epochs
+        if self.probe is not None and ((epoch + 1) % self.section.probe_every == 0 or last):
             summary |= self.probe.run()
         return summary
 
     def after_epoch(self, epoch: int, run) -> None:
-        if (epoch + 1) % self.pp.recon_every == 0 and epoch + 1 < self.pp.epochs:
+        if (epoch + 1) % self.section.recon_every == 0 and epoch + 1 < self.section.epochs:
             run.log_bytes(self.reconstructions(), f"reconstructions/epoch_{epoch + 1:03d}.png")
 
     def _loss(self, batch: dict) -> torch.Tensor:
@@ -117,7 +121,7 @@ class Pretrainer(Stage):
         noise = torch.rand(n * d.world_size, self.model.cfg.num_patches, generator=self.generator)
         noise = to_device(noise[d.share(n)], self.rt.device)
         with self.rt.autocast():
-            loss, _, _ = self.net(imgs, self.pp.mask_ratio, noise)
+            loss, _, _ = self.net(imgs, self.section.mask_ratio, noise)
         return loss
 
     @torch.no_grad()
@@ -125,7 +129,7 @@ class Pretrainer(Stage):
         imgs, noise = self.fixed
         model = self.model.eval()
         with self.rt.autocast():
-            _, pred, mask = model(imgs, self.pp.mask_ratio, noise)
+            _, pred, mask = model(imgs, self.section.mask_ratio, noise)
         model.train()
         scale = max(1, 112 // imgs.shape[-1])  # small images: enlarge for the eye
         m, sd = self.manifest["mean"], self.manifest["std"]
@@ -134,8 +138,10 @@ class Pretrainer(Stage):
 
     def write_outputs(self, run, out: Path, plots: Path) -> dict:
         png = self.reconstructions()
-        run.log_bytes(png, f"reconstructions/epoch_{self.pp.epochs:03d}.png")
-        save_pretrained(out, self.model, self.p.model.name, self.pp.mask_ratio, self.digest, run.id)
+        run.log_bytes(png, f"reconstructions/epoch_{self.section.epochs:03d}.png")
+        save_pretrained(
+            out, self.model, self.p.model.name, self.section.mask_ratio, self.digest, run.id
+        )
         (out / "reconstruction.png").write_bytes(png)
         steps = self.history.steps
         reports.write_curve(plots / "loss.csv", steps)
@@ -152,11 +158,6 @@ class Pretrainer(Stage):
         return metrics
 
 
-def run_pretrain(p: Params) -> str:
-    """Train, write the outputs, log everything; -> the MLflow run id."""
-    return run_stage(Pretrainer, p)
-
-
 class KnnProbe:
     """The online k-NN probe: the encoder's pooled features of the train split (the bank)
     and of the val split (the queries), cosine k-NN vote; -> val top-1. Every rank encodes
@@ -165,18 +166,19 @@ class KnnProbe:
     rounded up to whole batches), so a probe costs less than a pass over the split. A
     split held in memory for training is read from there."""
 
-    def __init__(self, stage: Pretrainer, img_size: int) -> None:
+    def __init__(self, stage: Pretrainer) -> None:
         if not stage.manifest["splits"]["val"]["count"]:
             raise UserError(
                 "the val split is empty: the k-NN probe queries it (set data.val_fraction "
                 "above 0, or pretrain.probe_every to 0)"
             )
-        self.model, self.rt, self.pp = stage.model, stage.rt, stage.pp
-        bank, world = self.pp.knn_bank, self.rt.dist.world_size
+        self.model, self.rt, self.section = stage.model, stage.rt, stage.section
+        img_size = self.model.cfg.image_hw[0]
+        bank, world = self.section.knn_bank, self.rt.dist.world_size
         count = stage.manifest["splits"]["train"]["count"]
-        if self.pp.knn_k > min(count, bank or count):
+        if self.section.knn_k > min(count, bank or count):
             raise UserError(
-                f"pretrain.knn_k: {self.pp.knn_k} neighbours, but the k-NN bank holds "
+                f"pretrain.knn_k: {self.section.knn_k} neighbours, but the k-NN bank holds "
                 f"{min(count, bank or count)} images (the train split's)"
             )
         batch = 1024 if bank is None else min(1024, math.ceil(bank / world))
@@ -201,7 +203,7 @@ class KnnProbe:
         queries, labels = encode_split(val, self._encode, rt.device, rt.dist)
         self.model.train()
         pred = knn_predict(
-            bank, bank_labels, queries, self.num_classes, self.pp.knn_k, self.pp.knn_t
+            bank, bank_labels, queries, self.num_classes, self.section.knn_k, self.section.knn_t
         )
         top1 = (pred == labels).float().mean().item()
         return {"knn_top1": top1, "knn_s": time.perf_counter() - start}

@@ -16,7 +16,6 @@ from pipeline.params import Params
 from pipeline.stages.finetune import Finetuner
 from pipeline.stages.pretrain import build_model
 from pipeline.train.runtime import seed_everything
-from pipeline.train.stage import run_stage
 
 
 class ScratchFinetuner(Finetuner):
@@ -28,7 +27,3 @@ class ScratchFinetuner(Finetuner):
         seed_everything(p.runtime.seed)  # the pretrain stage's initial weights, exactly
         model = build_model(p, shards.manifest())
         return Pretrained(model.cfg, model.state_dict(), None, shards.digest())
-
-
-def run_scratch(p: Params) -> str:
-    return run_stage(ScratchFinetuner, p)

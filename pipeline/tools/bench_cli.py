@@ -102,7 +102,7 @@ def bench_data(
     params: Path = PARAMS,
     workers: str = typer.Option("0,1,2", help="Comma-separated worker counts to measure."),
     batch_size: int = typer.Option(256, min=1),
-    purpose: str = typer.Option("pretrain", help="pretrain, finetune or eval transforms."),
+    augmentation: str = typer.Option("pretrain", help="pretrain, finetune or eval transforms."),
     images: int = typer.Option(20_000, min=1, help="Images to read per measurement."),
     img_size: int = typer.Option(None, min=1, help="Output size (default: the model's)."),
     reader: str = typer.Option(
@@ -116,9 +116,9 @@ def bench_data(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Loader throughput on the train shards (data.shards) for each worker count."""
-    from pipeline.data.plan import Purpose
+    from pipeline.data.plan import Augmentation
 
-    choice("--purpose", purpose, get_args(Purpose))
+    choice("--augmentation", augmentation, get_args(Augmentation))
     choices = {"mae": ["mae"], "memory": ["memory"], "webdataset": ["webdataset"]}
     choices |= {"both": ["mae", "webdataset"], "all": ["mae", "memory", "webdataset"]}
     choice("--reader", reader, tuple(choices))
@@ -136,7 +136,9 @@ def bench_data(
         for r in readers:
             try:
                 store = shard_store(p.data)
-                result = bench_loader(store, size, n, batch_size, purpose, images, r, device_crop)
+                result = bench_loader(
+                    store, size, n, batch_size, augmentation, images, r, device_crop
+                )
             except ValueError as err:
                 raise typer.BadParameter(str(err)) from None
             typer.echo(json.dumps(result.to_dict()) if as_json else result.line())

@@ -21,7 +21,7 @@ class DataBench:
     shards: str
     reader: str  # "mae" (this project's, streaming) | "memory" (it, over the split held in
     # memory) | "webdataset" (a plain pipeline)
-    purpose: str
+    augmentation: str
     workers: int
     batch_size: int
     img_size: int
@@ -36,7 +36,7 @@ class DataBench:
     def line(self) -> str:
         once = f"; decoded once in {self.decode_s:.1f} s" if self.decode_s is not None else ""
         return (
-            f"{self.reader} loader, {self.purpose} at {self.img_size} px on {self.shards}, "
+            f"{self.reader} loader, {self.augmentation} at {self.img_size} px on {self.shards}, "
             f"{self.workers} workers, batch {self.batch_size}: {self.img_per_s:,.0f} img/s "
             f"({self.images:,} images in {self.seconds:.1f} s{once})"
         )
@@ -47,7 +47,7 @@ def bench_loader(
     img_size: int,
     workers: int,
     batch_size: int = 256,
-    purpose: str = "pretrain",
+    augmentation: str = "pretrain",
     max_images: int = 20_000,
     reader: str = "mae",
     device_augment: bool = True,
@@ -60,13 +60,13 @@ def bench_loader(
     store = as_store(shards)
     decode_s = None
     if reader == "webdataset":
-        loader = _webdataset_loader(store, img_size, workers, batch_size, purpose)
+        loader = _webdataset_loader(store, img_size, workers, batch_size, augmentation)
         images = lambda batch: batch[0]  # noqa: E731
     else:
         loader = build_loader(
             store,
             "train",
-            purpose,
+            augmentation,
             batch_size=batch_size,
             img_size=img_size,
             num_workers=workers,
@@ -92,7 +92,7 @@ def bench_loader(
     return DataBench(
         store.location,
         reader,
-        purpose,
+        augmentation,
         workers,
         batch_size,
         img_size,
@@ -103,9 +103,9 @@ def bench_loader(
     )
 
 
-def _webdataset_loader(store: ShardStore, img_size: int, workers: int, batch: int, purpose):
+def _webdataset_loader(store: ShardStore, img_size: int, workers: int, batch: int, augmentation):
     """WebDataset as its README writes it, over the same train shards: decode with PIL, this
-    project's per-image transform for `purpose`, a 1,000-sample shuffle buffer, batches."""
+    project's per-image transform for `augmentation`, a 1,000-sample shuffle buffer, batches."""
     import webdataset as wds
 
     from pipeline.data.loader import Augment, build_transform
@@ -113,7 +113,9 @@ def _webdataset_loader(store: ShardStore, img_size: int, workers: int, batch: in
     manifest = store.manifest()
     urls = [str(store.path(e)) for e in manifest["splits"]["train"]["shards"]]
     mode = "L" if manifest["channels"] == 1 else "RGB"
-    transform = build_transform(purpose, img_size, manifest["mean"], manifest["std"], Augment())
+    transform = build_transform(
+        augmentation, img_size, manifest["mean"], manifest["std"], Augment()
+    )
     dataset = (
         wds.WebDataset(urls, shardshuffle=False, empty_check=False)
         .shuffle(1000)

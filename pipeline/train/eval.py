@@ -19,7 +19,7 @@ def encode_split(
     """A split's features and labels on the host: each rank encodes its share (`encode`: a
     batch of images on `device` -> (n, D)), its first `max_batches` batches (None: all),
     and every rank gets them all. -> (features (N, D) float32, labels (N,) int64)."""
-    feats, labels = Rows(), Rows()
+    feats, labels = RowBuffer(), RowBuffer()
     batches = islice(loader, max_batches)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
     for batch in progress(batches, total=total, desc="features", enabled=dist.main):
@@ -29,9 +29,9 @@ def encode_split(
     return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
 
 
-class Rows:
-    """Rows kept batch after batch, in buffers of 64 MiB (virtual: pages count once
-    written). A small tensor kept per batch among the encoder's large short-lived ones
+class RowBuffer:
+    """Rows (features, labels) kept batch after batch, in buffers of 64 MiB (virtual: pages
+    count once written). A small tensor kept per batch among the encoder's large short-lived ones
     fragments glibc's heap: caching the 54,000 Fashion-MNIST train features that way grew
     the process by ~600 MB (6 MB a batch, with the split); buffers above glibc's largest
     mmap threshold (32 MiB) get mappings of their own."""

@@ -1,19 +1,20 @@
-"""The one skeleton every training stage runs in (`run_stage`): resume from the newest
-checkpoint, start or reopen the stage's MLflow run (rank 0 alone talks to MLflow), log its
-params and dataset once, train epoch by epoch with a checkpoint after each, keep the best
-epoch on validation where the stage validates, write the outputs, clear the checkpoints.
+"""The one skeleton every training stage runs in (`run_stage`): build the stage in one
+fixed order, resume from the newest checkpoint, start or reopen the stage's MLflow run
+(rank 0 alone talks to MLflow), log its params and dataset once, train epoch by epoch with
+a checkpoint after each, keep the best epoch on validation where the stage validates,
+write the outputs, clear the checkpoints.
 
-A stage plugs in by subclassing `Stage`: it builds its model, optimizer, generator and
-loop (`derive_lr` and `build_loop` read them off its params section), and says what
-differs: the checkpoint key, the run's name and params, one epoch's training (and
-validation), and its outputs.
+A stage plugs in by subclassing `Stage` and writing only what differs: the build steps
+(`build_model`, `build_loader`, `build_optimizer`; `freeze`, `wrap`, `batches_per_epoch`
+and `prepare` where the default does not fit), the checkpoint key, the run's name and
+params, one epoch's training (and validation), and its outputs. `pipeline.stages` lists
+the stages.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.checkpoint import Checkpoints, params_key, rng_state
 from pipeline.train.loop import EpochLoop, History, schedule
-from pipeline.train.runtime import Runtime, graphs, resolve_runtime, seed_rank
+from pipeline.train.runtime import Runtime, graphs, resolve_runtime, seed_rank, wrap
 
 log = logging.getLogger(__name__)
 # Optimizer steps below which a stage warns before it starts: the defaults, sized for
@@ -48,6 +49,8 @@ class Stage:
     model: torch.nn.Module  # what checkpoints keep (not its DDP or compiled wrapper)
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # crops, masks, shuffles: drawn for the global batch
+    net: torch.nn.Module  # what the loss runs through: `model` wrapped (DDP, compiled)
+    loader: Loader  # the train split's
     loop: EpochLoop
     digest: str  # the manifest's: names the data the run sees
     parent_id: str | None = None  # the MLflow parent run
@@ -60,8 +63,54 @@ class Stage:
         self.section: Any = getattr(p, self.section_name)
         self.history = History()
         self.best: dict = {"top1": -1.0, "epoch": 0, "state": None}
+        self.generator = torch.Generator().manual_seed(p.runtime.seed)
 
-    # ---------------------------------------------------------------- wiring helpers
+    @classmethod
+    def create(cls, p: Params, rt: Runtime) -> Stage:
+        """The stage, built: what `run_stage` trains."""
+        stage = cls(p, rt)
+        stage.build()
+        return stage
+
+    # ---------------------------------------------------------------- the build steps
+    def build(self) -> None:
+        """The build steps in the one order every stage needs: the model (seeded), any
+        freezing, its DDP/compiled wrapper, the train loader, lr, optimizer, epoch loop,
+        then whatever else the stage prepares."""
+        self.model = self.build_model().to(self.rt.device)
+        self.freeze()
+        self.net, ddp = self.wrap()
+        self.loader = self.build_loader()
+        self.derive_lr()
+        self.optimizer = self.build_optimizer()
+        self.loop = self.build_loop(self.batches_per_epoch(), ddp)
+        self.prepare()
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Parameters that do not train get `requires_grad=False` here (none by default)."""
+
+    def wrap(self) -> tuple[torch.nn.Module, Any]:
+        """-> (the module the loss runs through, its DDP wrapper or None)."""
+        return wrap(self.model, self.rt, self.p.runtime.compile)
+
+    def build_loader(self) -> Loader:
+        """The train split's loader (`loader_for`)."""
+        raise NotImplementedError
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Over the trainable parameters, at `self.lr`."""
+        raise NotImplementedError
+
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def prepare(self) -> None:
+        """After the loop is built: what else the stage needs (probes, caches, losses)."""
+
+    # ---------------------------------------------------------------- helpers
     def derive_lr(self) -> None:
         """The effective batch (batch x accumulation x ranks) and lr = blr x it / 256."""
         s = self.section
@@ -107,15 +156,17 @@ class Stage:
             graphs=graphs(self.p.runtime.compile),
         )
 
-    def loader_for(self, split: str, purpose: str, batch_size: int, img_size: int, **kw) -> Loader:
-        """`split` of the run's shards for `purpose` ("pretrain", "finetune", "eval") as
+    def loader_for(
+        self, split: str, augmentation: str, batch_size: int, img_size: int, **kw
+    ) -> Loader:
+        """`split` of the run's shards for `augmentation` ("pretrain", "finetune", "eval") as
         params.yaml says (workers, seed, `data.in_memory`), on this process's device;
         `kw`: more of `build_loader`'s options (`aug`)."""
         p = self.p
         return build_loader(
             shard_store(p.data),
             split,
-            purpose,
+            augmentation,
             batch_size=batch_size,
             img_size=img_size,
             num_workers=p.runtime.num_workers,
@@ -163,12 +214,12 @@ class Stage:
             }
 
 
-def run_stage(build: Callable[[Params, Runtime], Stage], p: Params) -> str:
+def run_stage(stage: type[Stage], p: Params) -> str:
     """Build a stage and train it, resumably, then write its outputs; -> the MLflow run id.
     Rank 0 connects to MLflow first, so an unreachable store fails before any work."""
     rt = resolve_runtime(p.runtime)
     experiment_id = tracking.connect(p.tracking) if rt.dist.main else None
-    s, d = build(p, rt), rt.dist
+    s, d = stage.create(p, rt), rt.dist
     key = params_key(*s.key())
     checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{s.name}-{key}")
     seed_rank(p.runtime.seed, d)  # a checkpoint's own streams replace these on resume

@@ -1,0 +1,66 @@
+"""Runs that exist: one by id, a stage's, a run's children; and the names metrics take."""
+
+from __future__ import annotations
+
+import mlflow
+
+from pipeline.errors import UserError
+
+
+def search(experiment_id: str, filter_string: str) -> list:
+    """The experiment's runs that `filter_string` (MLflow's search syntax) selects."""
+    return mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", filter_string=filter_string
+    )
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def get_run(run_id: str):
+    """The run, or UserError naming the id and the store."""
+    try:
+        return mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None
+
+
+def child_runs(run, stages: tuple[str, ...]) -> list:
+    """The children of `run` (an MLflow run) of the given stages."""
+    children = search(run.info.experiment_id, f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    return [c for c in children if c.data.tags.get("stage") in stages]
+
+
+def stage_runs(experiment_id: str, stage: str) -> list:
+    return search(experiment_id, f"tags.stage = '{stage}'")
+
+
+def metric_name(name: str) -> str:
+    """MLflow metric keys allow letters, digits, '_', '-', '.', ' ' and '/'."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
+
+
+def class_keys(classes: list[str]) -> list[str]:
+    """Metric key parts for the classes of manifest.json, in its order: the class's index
+    there, then its name as MLflow can hold it (cut at 100 characters). The index keeps
+    names that MLflow cannot hold as they are distinct: `cat (wild)` and `cat [wild]`
+    become `0_cat _wild_` and `1_cat _wild_`."""
+    width = len(str(max(len(classes) - 1, 0)))
+    return [f"{i:0{width}d}_{metric_name(c)[:100]}" for i, c in enumerate(classes)]
+
+
+def runs_address(base: str, experiment_id: str, stage: str | None = None, charts=False) -> str:
+    """The MLflow UI's page of an experiment's training runs (its table, or its chart view,
+    of the runs of one `stage`). MLflow 3's UI opens an experiment on a GenAI "Overview" of
+    traces (seen in Chromium with MLflow 3.17, whatever the experiment's tags)."""
+    from urllib.parse import quote, urlencode
+
+    query = {"compareRunsMode": "CHART"} if charts else {}
+    query |= {"searchFilter": f"tags.stage = '{stage}'"} if stage else {}
+    address = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{address}?{urlencode(query, quote_via=quote)}" if query else address

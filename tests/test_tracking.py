@@ -1,0 +1,128 @@
+"""The MLflow store as a stage meets it: one that cannot be reached fails at once, naming
+it; one lost mid-run does not stop training, and what was logged meanwhile is sent when it
+answers or named in one line when it does not; a run killed before its first checkpoint
+does not look alive. Real stores: SQLite, and an `mlflow server` on 127.0.0.1."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.params import load_params
+from pipeline.stages import run_training
+from pipeline.stages.evaluate import evaluate_run
+from pipeline.tracking import buffered
+from tests.factory import MAE_CLI, build_project, cmd_env, free_port, project_params, wait_for_http
+
+
+def test_unreachable_tracking_server_fails_at_once_naming_the_uri(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["uri"] = "http://127.0.0.1:9"
+    (project / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
+    start = time.monotonic()
+    with pytest.raises(
+        UserError,
+        match=r"cannot reach the MLflow tracking store at "
+        r"http://127.0.0.1:9",
+    ):
+        run_training("pretrain", load_params("params.yaml"))
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_training_goes_on_when_the_mlflow_server_dies_and_fails_clearly_at_the_end(tmp_path):
+    """A team's `mlflow server` (started here on 127.0.0.1) killed after the first epoch:
+    the stage does not stall, finishes its epochs and outputs, then fails in one line."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server)
+        project = build_project(tmp_path / "p", pretrain={"epochs": 4, "probe_every": 0}).parent
+        raw = yaml.safe_load((project / "params.yaml").read_text())
+        raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
+        (project / "params.yaml").write_text(yaml.safe_dump(raw))
+        env = {**cmd_env(), "MAE_MLFLOW_RETRY_S": "2", "MAE_MLFLOW_FLUSH_S": "4"}
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [MAE_CLI, "pretrain"], env=env, cwd=project, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "pretrain epoch 1/4" in line:
+                os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
+        proc.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 100  # no minutes of retries
+    assert proc.returncode == 1, "".join(lines)
+    assert any("pretrain epoch 4/4" in line for line in lines)  # training went on
+    last = lines[-1].strip()
+    assert last.startswith("mae-cli: error: the MLflow store stopped answering"), last
+    assert "were not sent; the stage's outputs are written" in last
+    assert (project / "models/pretrain/run_id").is_file()  # the work is kept
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_and_not_compared(project):
+    from pipeline.tools.compare import compare_rows
+
+    first = run_training("pretrain", load_params("params.yaml"))
+    client = mlflow.MlflowClient()
+    finished = client.get_run(first)
+    key = finished.data.tags["checkpoint.key"]
+    tags = {"stage": "pretrain", "checkpoint.key": key}
+    dead = client.create_run(finished.info.experiment_id, tags=tags)  # as a SIGKILL leaves it
+    client.log_param(dead.info.run_id, "pretrain.mask_ratio", "0.75")
+    assert client.get_run(dead.info.run_id).info.status == "RUNNING"
+    second = run_training("pretrain", load_params("params.yaml"))  # the same params: a fresh start
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    rows = compare_rows(load_params("params.yaml"))
+    assert {r["run_id"] for r in rows} == {first, second}
+
+
+def test_artifacts_kept_in_two_outages_are_all_sent(tmp_path, monkeypatch):
+    monkeypatch.setattr(buffered, "RETRY_S", 0.0)
+    up, sent = {"yes": False}, []
+
+    def upload(self, path, artifact_dir):
+        if not up["yes"]:
+            raise ConnectionError("connection refused")
+        sent.append(Path(path).read_text())
+
+    monkeypatch.setattr(buffered.Run, "_log_file", upload)
+    run = buffered.Run("r", keep=True)
+    for outage in ("first", "second"):
+        for i in range(2):
+            (tmp_path / "a.txt").write_text(f"{outage} {i}")
+            run.log_file(tmp_path / "a.txt")  # kept: the store is down
+        up["yes"] = True
+        (tmp_path / "a.txt").write_text(f"{outage} back")
+        run.log_file(tmp_path / "a.txt")  # the store is back: the kept ones go first
+        up["yes"] = False
+    up["yes"] = True
+    run.close()
+    expected = [f"{o} {i}" for o in ("first", "second") for i in ("0", "1", "back")]
+    assert sent == expected
+
+
+def test_unreachable_store_is_a_user_error(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["uri"] = "http://127.0.0.1:9"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(project_params(params)))
+    with pytest.raises(UserError, match="cannot reach the MLflow tracking store at http"):
+        evaluate_run(load_params(bad), "0123456789abcdef")
