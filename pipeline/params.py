@@ -4,18 +4,17 @@ params.yaml is the one place the defaults live: the models below say which keys 
 their types and their ranges, and every key must be in the file. An unknown or missing
 key, a wrong type or a bad value raises `ParamsError` naming the full key (e.g.
 `data.val_fraction`) before any work starts. A partial file (a recipe, a test's project)
-is merged over params.yaml first: `merge`.
+is merged over params.yaml first: `merge`. The YAML is read as DVC writes it:
+`pipeline.params_yaml`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ParamsError, UserError
+from pipeline.params_yaml import read_yaml
 
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 Positive = Annotated[float, Field(gt=0)]
@@ -258,44 +258,6 @@ def merge(base: dict, overrides: dict) -> dict:
             raise UserError(f"section {section!r} must be a mapping of keys")
         merged.setdefault(section, {}).update(values)
     return merged
-
-
-class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (YAML 1.1) that also reads the numbers YAML 1.2 writes.
-
-    `dvc exp run -S` writes params.yaml back with a YAML 1.2 dumper (ruamel): 0.000001
-    becomes `1e-06`, which YAML 1.1 has no float for (it needs a dot), so PyYAML returned
-    the string '1e-06'. Plain scalars that YAML 1.2's core schema reads as numbers (floats
-    without a dot, with an exponent; `0o` octals) load as those numbers here; quoted ones
-    stay strings.
-    """
-
-
-ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
-    list("-+0123456789."),
-)
-ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^0o[0-7]+$"), list("0"))
-
-
-def load_yaml(text: str) -> Any:
-    """YAML text -> Python, every number a YAML 1.1 or 1.2 writer may produce as a number."""
-    return yaml.load(text, Loader=ParamsLoader)
-
-
-def read_yaml(path: Path | str) -> Any:
-    path = Path(path)
-    try:
-        return load_yaml(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"params file not found: {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError):
-        raise UserError(f"{path}: not a params file (YAML text)") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: invalid YAML{where}") from None
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -129,7 +129,8 @@ def _write_params(path: Path, args: argparse.Namespace) -> dict:
     every output and the MLflow store inside the work folder."""
     import yaml
 
-    from pipeline.params import flatten, load_yaml, merge, parse_params, read_yaml
+    from pipeline.params import flatten, merge, parse_params
+    from pipeline.params_yaml import load_yaml, read_yaml
 
     params = merge(read_yaml(ROOT / "params.yaml"), read_yaml(args.recipe) or {})
     sets = [f"data.root={args.data_root}"] if args.data_root else []

@@ -30,15 +30,15 @@ CANNOT_CHANGE_OUTPUTS = {
 STAGE_CANNOT_CHANGE = {"shard": {"mae/config.py": "params.yaml's model name is checked only"}}
 
 
-def _file(module: str) -> Path | None:
-    path = ROOT / module.replace(".", "/")
+def _file(module: str, root: Path = ROOT) -> Path | None:
+    path = root / module.replace(".", "/")
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, root: Path = ROOT) -> set[str]:
     """The project modules `path` imports, anywhere in it."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -52,7 +52,7 @@ def _imports(path: Path) -> set[str]:
                 found.add(f"{base}.{alias.name}")  # a submodule, or a name in `base`
                 if base == "mae" and alias.name in mae._HOME:  # imported on first use
                     found.add(mae._HOME[alias.name])
-    return {m for m in found if m.split(".")[0] in ("mae", "pipeline") and _file(m)}
+    return {m for m in found if m.split(".")[0] in ("mae", "pipeline") and _file(m, root)}
 
 
 def _exempt(rel: str, exempt: dict[str, str]) -> bool:
@@ -60,32 +60,37 @@ def _exempt(rel: str, exempt: dict[str, str]) -> bool:
     return rel in exempt or any(k.endswith("/") and rel.startswith(k) for k in exempt)
 
 
-def _closure(module: str) -> set[str]:
+def _closure(module: str, root: Path = ROOT) -> set[str]:
     todo, seen = [module], set()
     while todo:
         m = todo.pop()
-        path = _file(m)
-        rel = str(path.relative_to(ROOT))
+        path = _file(m, root)
+        rel = str(path.relative_to(root))
         if rel in seen:
             continue
         seen.add(rel)
         parts = m.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ too
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]
         if not _exempt(rel, CANNOT_CHANGE_OUTPUTS):  # what those import serves them alone
-            todo += sorted(_imports(path))
+            todo += sorted(_imports(path, root))
     return seen
 
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def missing_deps(stage: str, module: str, deps: list[str], root: Path = ROOT) -> list[str]:
+    """The files `module` (stage `stage`'s) runs that can change its outputs and that none
+    of its `dvc.yaml` deps covers."""
+    deps = [d for d in deps if not d.startswith("$")]
+    covered = lambda f: any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
+    exempt = CANNOT_CHANGE_OUTPUTS | STAGE_CANNOT_CHANGE.get(stage, {})
+    return sorted(f for f in _closure(module, root) if not _exempt(f, exempt) and not covered(f))
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_stages_dvc_deps_hold_every_module_it_runs_that_can_change_its_outputs(stage):
-    deps = [d for d in STAGES[stage]["deps"] if not d.startswith("$")]
-    covered = lambda f: any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
-    runs = _closure(f"pipeline.stages.{stage}")
-    exempt = CANNOT_CHANGE_OUTPUTS | STAGE_CANNOT_CHANGE.get(stage, {})
-    missing = sorted(f for f in runs if not _exempt(f, exempt) and not covered(f))
+    missing = missing_deps(stage, f"pipeline.stages.{stage}", STAGES[stage]["deps"])
     assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not list them"
 
 

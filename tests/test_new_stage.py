@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.factory import ROOT, cmd_env, dvc_repo, idx_dataset, project_params
+from tests.test_dvc_deps import missing_deps
 
 # A fenced block of the section, its first line naming the file it goes into.
 BLOCK = re.compile(r"```(python|yaml)\n# ([^\n]+)\n(.*?)```", re.DOTALL)
@@ -91,4 +92,6 @@ def test_a_stage_added_by_the_readme_steps_runs_through_mae_cli_and_dvc_repro(tm
     assert evaluated["stage"] == name and evaluated["count"] == 40
     dag = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert f"${{paths.models}}/{name}" in dag["evaluate"]["deps"]
+    module = f"pipeline.stages.{name}"
+    assert not missing_deps(name, module, dag[name]["deps"], repo)  # step 4's deps are whole
     assert f"Stage '{name}' didn't change" in _run(["dvc", "repro", name], repo)

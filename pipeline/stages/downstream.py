@@ -17,8 +17,9 @@ from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
+from pipeline.train.loop import speed
 from pipeline.train.runtime import Runtime, seed_everything
-from pipeline.train.stage import Stage, speed
+from pipeline.train.stage import Stage
 
 
 class Downstream(Stage):

@@ -118,6 +118,25 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
         per_image=per_image,
     )
     classes = config["classes"]
+    parent, step, registered = _log_result(p, run, result, classes)
+    return {
+        "run_id": run_id,
+        "stage": stage,
+        "parent_run_id": parent,
+        "parent_step": step,
+        "params_differ": _params_differ(p, run, stage),
+        "classes": classes,
+        **result,
+        "per_class": dict(zip(classes, result["per_class"], strict=True)),
+        **registered,
+    }
+
+
+def _log_result(p: Params, run, result: dict, classes: list[str]) -> tuple:
+    """Test metrics and the confusion matrix to the run, its top-1/top-5 to its parent run
+    (if any), and a finetune run's model to the registry (`tracking.register`); -> the
+    parent's id, the step logged there, and what was registered."""
+    run_id, stage = run.info.run_id, run.data.tags["stage"]
     metrics = {"test/top1": result["top1"], "test/top5": result["top5"]}
     metrics |= {
         f"test/acc/{key}": a
@@ -138,17 +157,7 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
         registered = {
             "registered": tracking.register_champion(p.tracking.register, run, result["top1"])
         }
-    return {
-        "run_id": run_id,
-        "stage": stage,
-        "parent_run_id": parent,
-        "parent_step": step,
-        "params_differ": _params_differ(p, run, stage),
-        "classes": classes,
-        **result,
-        "per_class": dict(zip(classes, result["per_class"], strict=True)),
-        **registered,
-    }
+    return parent, step, registered
 
 
 def evaluate_stage(p: Params, per_image: bool = False) -> list[dict]:

@@ -24,8 +24,9 @@ from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.eval import encode_split
+from pipeline.train.loop import speed
 from pipeline.train.runtime import Runtime, seed_everything
-from pipeline.train.stage import Stage, speed
+from pipeline.train.stage import Stage
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"

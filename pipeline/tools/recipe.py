@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.params import merge, parse_params, read_yaml
+from pipeline.params import merge, parse_params
+from pipeline.params_yaml import read_yaml
 
 
 def _leaves(raw: dict, prefix: str = "") -> dict:

@@ -159,17 +159,9 @@ def start_run(
         "mlflow.parentRunId": parent_id,
         "checkpoint.key": key,  # the same params and data: a later start may resume it
     }
-    kwargs = (
+    active = _start(
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
     )
-    try:
-        with fail_fast():
-            active = mlflow.start_run(**kwargs)
-    except Exception as err:  # a read-only store, a full disk under it, ...
-        where = mlflow.get_tracking_uri()
-        raise UserError(
-            f"cannot start a run in the MLflow store at {where}: {first_line(err)}"
-        ) from None
     run = Run(active.info.run_id, resumed=run_id is not None, keep=True)
     status = "FAILED"
     try:
@@ -183,6 +175,18 @@ def start_run(
                 mlflow.end_run(status)
         except Exception as err:  # the store is down: the run stays RUNNING there
             log.warning("could not mark MLflow run %s %s: %s", run.id, status, err)
+
+
+def _start(kwargs: dict):
+    """`mlflow.start_run(**kwargs)`, failing fast in one line naming the store."""
+    try:
+        with fail_fast():
+            return mlflow.start_run(**kwargs)
+    except Exception as err:  # a read-only store, a full disk under it, ...
+        where = mlflow.get_tracking_uri()
+        raise UserError(
+            f"cannot start a run in the MLflow store at {where}: {first_line(err)}"
+        ) from None
 
 
 def _end_stale_runs(experiment_id: str, stage: str, key: str) -> None:

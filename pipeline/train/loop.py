@@ -180,3 +180,37 @@ class EpochLoop:
         raise Diverged(
             f"loss is {value} {where}; the last good checkpoint is kept. {self.hint}".rstrip()
         )
+
+
+def epoch_metrics(stage: str, summary: dict) -> dict:
+    """An epoch's summary as the MLflow metrics logged at its end (step: the epoch)."""
+    metrics = {f"epoch/{k}": summary[k] for k in ("loss", "img_per_s", "seconds", "data_s")}
+    if "val_top1" in summary:
+        metrics["val/top1"] = summary["val_top1"]
+    if "knn_top1" in summary:
+        metrics |= {f"{stage}/knn_top1": summary["knn_top1"], "knn/seconds": summary["knn_s"]}
+    return metrics
+
+
+def epoch_line(stage: str, epochs: int, e: dict) -> str:
+    """An epoch's summary as the log line a person reads."""
+    scores = "".join(
+        f", {label} {e[key]:.4f}"
+        for key, label in (("val_top1", "val top-1"), ("knn_top1", "k-NN top-1"))
+        if key in e
+    )
+    return (
+        f"{stage} epoch {e['epoch']}/{epochs}: loss {e['loss']:.4f}{scores}, "
+        f"{e['img_per_s']:.0f} img/s, {e['seconds']:.1f} s ({e['data_s']:.1f} s waiting for data)"
+    )
+
+
+def speed(epochs: list[dict]) -> dict:
+    """The metrics every training stage reports of its speed: mean img/s, minutes of
+    training, and the fraction of them spent waiting for data."""
+    seconds = sum(e["seconds"] for e in epochs)
+    return {
+        "img_per_s": sum(e["img_per_s"] for e in epochs) / len(epochs),
+        "minutes": seconds / 60,  # training alone
+        "data_wait": sum(e.get("data_s", 0.0) for e in epochs) / seconds,
+    }

@@ -28,7 +28,7 @@ from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.checkpoint import Checkpoints, params_key, rng_state
-from pipeline.train.loop import EpochLoop, History, schedule
+from pipeline.train.loop import EpochLoop, History, epoch_line, epoch_metrics, schedule
 from pipeline.train.runtime import Runtime, graphs, resolve_runtime, seed_rank, wrap
 
 log = logging.getLogger(__name__)
@@ -245,62 +245,35 @@ def run_stage(stage: type[Stage], p: Params) -> str:
         for epoch in range(start, s.section.epochs):
             summary = s.train_epoch(epoch, run)
             s.history.epochs.append(summary)
-            run.log_metrics(_epoch_metrics(s.name, summary), step=epoch + 1)
-            log.info(_epoch_line(s.name, s.section.epochs, summary))
+            run.log_metrics(epoch_metrics(s.name, summary), step=epoch + 1)
+            log.info(epoch_line(s.name, s.section.epochs, summary))
             rngs = d.gather(rng_state())  # every rank's, for rank 0's checkpoint
-            if not d.main:
-                continue
-            if summary.get("val_top1", -1.0) > s.best["top1"]:  # on validation, never test
-                state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
-                s.best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
-            s.after_epoch(epoch, run)
-            best = {"best_top1": s.best["top1"], "best_epoch": s.best["epoch"]}
-            saved = checkpoints.save(
-                epoch,
-                s.model,
-                s.optimizer,
-                s.generator,
-                {"run_id": run.id, "history": s.history.__dict__, **best},
-                extra_tensors=s.best["state"],
-                rng_states=rngs,
-            )
-            log.info("checkpoint saved: %s", saved)
+            if d.main:
+                _end_epoch(s, epoch, summary, run, checkpoints, rngs)
         if d.main:
             _finish(s, run)
             checkpoints.clear()  # done: a later run with these params starts afresh
     return run.id
 
 
-def _epoch_metrics(stage: str, summary: dict) -> dict:
-    metrics = {f"epoch/{k}": summary[k] for k in ("loss", "img_per_s", "seconds", "data_s")}
-    if "val_top1" in summary:
-        metrics["val/top1"] = summary["val_top1"]
-    if "knn_top1" in summary:
-        metrics |= {f"{stage}/knn_top1": summary["knn_top1"], "knn/seconds": summary["knn_s"]}
-    return metrics
-
-
-def _epoch_line(stage: str, epochs: int, e: dict) -> str:
-    scores = "".join(
-        f", {label} {e[key]:.4f}"
-        for key, label in (("val_top1", "val top-1"), ("knn_top1", "k-NN top-1"))
-        if key in e
+def _end_epoch(s: Stage, epoch: int, summary: dict, run, checkpoints, rngs: list) -> None:
+    """Rank 0, after an epoch: the best weights yet on validation, the stage's own step,
+    then a checkpoint of it all (with every rank's random streams, `rngs`)."""
+    if summary.get("val_top1", -1.0) > s.best["top1"]:  # on validation, never test
+        state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+        s.best = {"top1": summary["val_top1"], "epoch": epoch + 1, "state": state}
+    s.after_epoch(epoch, run)
+    best = {"best_top1": s.best["top1"], "best_epoch": s.best["epoch"]}
+    saved = checkpoints.save(
+        epoch,
+        s.model,
+        s.optimizer,
+        s.generator,
+        {"run_id": run.id, "history": s.history.__dict__, **best},
+        extra_tensors=s.best["state"],
+        rng_states=rngs,
     )
-    return (
-        f"{stage} epoch {e['epoch']}/{epochs}: loss {e['loss']:.4f}{scores}, "
-        f"{e['img_per_s']:.0f} img/s, {e['seconds']:.1f} s ({e['data_s']:.1f} s waiting for data)"
-    )
-
-
-def speed(epochs: list[dict]) -> dict:
-    """The metrics every training stage reports of its speed: mean img/s, minutes of
-    training, and the fraction of them spent waiting for data."""
-    seconds = sum(e["seconds"] for e in epochs)
-    return {
-        "img_per_s": sum(e["img_per_s"] for e in epochs) / len(epochs),
-        "minutes": seconds / 60,  # training alone
-        "data_wait": sum(e.get("data_s", 0.0) for e in epochs) / seconds,
-    }
+    log.info("checkpoint saved: %s", saved)
 
 
 def _finish(s: Stage, run) -> None:
