@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATASET_DIR := /usr/share/datasets/fashion-mnist
+# make sweep: the key swept and its values (the paper's Figure 5 by default)
+KEY ?= pretrain.mask_ratio
+VALUES ?= 0.25,0.5,0.75,0.9
+SET ?=
 # DVC stages call `mae-cli`: find it in the project's environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 # MLflow's usage telemetry stays off unless you set MLFLOW_DISABLE_TELEMETRY=false
@@ -47,15 +51,14 @@ gpu-run: setup ## Run the GPU recipe (GPU_RECIPE) as a DVC experiment, on every 
 		pull="$$($(BIN)/dvc remote default >/dev/null 2>&1 && echo --pull || true)" && \
 		eval "$(BIN)/dvc exp run $$pull -n gpu-recipe $$args"
 
-MASK_RATIOS ?= 0.25,0.5,0.75,0.9
-sweep: setup ## Queue and run a mask-ratio sweep (MASK_RATIOS=...), then compare
+sweep: setup ## Queue and run a sweep of one key (KEY=... VALUES=a,b,...; SET='-S k=v' for more), then compare
 	@# Create the tracking store once: parallel first use of a fresh SQLite store fails.
 	$(BIN)/python -c "from pipeline.params import load_params; from pipeline.tracking import connect; connect(load_params('params.yaml').tracking)"
-	$(BIN)/dvc exp run --queue -S 'pretrain.mask_ratio=$(MASK_RATIOS)'
+	$(BIN)/dvc exp run --queue -S '$(KEY)=$(VALUES)' $(SET)
 	$(BIN)/dvc queue start
 	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 30; done
 	$(BIN)/dvc queue status
-	$(BIN)/mae-cli compare
+	$(BIN)/mae-cli compare --by $(KEY)
 
 compare: ## Mask ratio vs downstream accuracy across tracked runs (plots/compare.png)
 	$(BIN)/mae-cli compare

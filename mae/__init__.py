@@ -13,6 +13,7 @@ _HOME = {
     "build_linear_probe": "mae.classifier",
     "classifier_from_config": "mae.classifier",
     "eval_transform": "mae.augment",
+    "freeze_all_but_last_blocks": "mae.classifier",
     "load_encoder": "mae.classifier",
     "PRESETS": "mae.config",
     "MAEConfig": "mae.config",
@@ -21,6 +22,7 @@ _HOME = {
     "count_parameters": "mae.model",
     "encoder_state_dict": "mae.model",
     "len_keep": "mae.config",
+    "mask_noise": "mae.masking",
     "to_mode": "mae.images",
 }
 
@@ -51,8 +53,10 @@ __all__ = [
     "create_mae",
     "encoder_state_dict",
     "eval_transform",
+    "freeze_all_but_last_blocks",
     "len_keep",
     "load_encoder",
     "mae_config",
+    "mask_noise",
     "to_mode",
 ]

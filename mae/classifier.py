@@ -101,6 +101,24 @@ def build_classifier(
     return vit
 
 
+def freeze_all_but_last_blocks(vit: VisionTransformer, k: int) -> list[nn.Module]:
+    """Partial fine-tuning (the paper's Sec. 4.3, Figure 9): the last `k` of `vit`'s
+    transformer blocks, its final norms and its head keep `requires_grad`; everything
+    before them (patch embedding, cls token, position embedding, the first blocks) is
+    frozen. k = 0 trains the final norm and the head alone. -> the frozen blocks (to be
+    kept in eval mode: no drop path through frozen features). ValueError for k outside
+    [0, depth]."""
+    depth = len(vit.blocks)
+    if not 0 <= k <= depth:
+        raise ValueError(f"trainable blocks must be in [0, {depth}], got {k}")
+    for param in vit.parameters():
+        param.requires_grad_(False)
+    for module in (*vit.blocks[depth - k :], vit.norm, vit.fc_norm, vit.head):
+        for param in module.parameters():
+            param.requires_grad_(True)
+    return list(vit.blocks[: depth - k])
+
+
 def build_linear_probe(
     cfg: MAEConfig,
     num_classes: int,

@@ -7,6 +7,7 @@ unknown name or key raises `ValueError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,3 +193,23 @@ def len_keep(num_patches: int, mask_ratio: float) -> int:
     if len_keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
     return len_keep
+
+
+MASK_TYPES = ("random", "block", "grid")  # mae.masking: how the masked patches are chosen
+
+
+def grid_cell(grid: tuple[int, int], mask_ratio: float) -> int:
+    """The side k of the cells grid masking keeps one patch of: 1 - 1/k^2 == mask_ratio
+    and k divides both sides of the patch `grid`; ValueError naming why otherwise."""
+    k = round(1 / math.sqrt(1 - mask_ratio)) if mask_ratio < 1 else 0
+    if k < 2 or abs((1 - 1 / k**2) - mask_ratio) > 1e-6:
+        raise ValueError(
+            f"grid masking keeps one patch of every k x k cell: mask_ratio must be "
+            f"1 - 1/k^2 (0.75, 0.8889, 0.9375, ...), got {mask_ratio}"
+        )
+    if grid[0] % k or grid[1] % k:
+        raise ValueError(
+            f"grid masking at mask_ratio {mask_ratio} keeps one patch of every {k}x{k} "
+            f"cell, which do not tile the {grid[0]}x{grid[1]} patch grid"
+        )
+    return k

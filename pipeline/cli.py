@@ -167,17 +167,25 @@ def predict(
 @app.command()
 def compare(
     params: Path = PARAMS,
+    by: str = typer.Option(
+        None,
+        "--by",
+        help="The key compared, e.g. pretrain.mask_type, finetune.trainable_blocks; "
+        "default: pretrain.mask_ratio, or the one key that varies.",
+    ),
     out: Path = typer.Option(Path("plots/compare.png"), help="Where to write the plot."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
-    """Mask ratio vs finetune/linprobe/scratch test top-1 and mae_gain across the tracked
-    pretrain runs; runs that differ in more than the mask ratio form separate series."""
+    """A setting (the mask ratio, or --by KEY) vs finetune/linprobe/scratch test top-1,
+    mae_gain and k-NN across the tracked pretrain runs; runs that differ in more than
+    that key form separate series."""
     import json
 
     from pipeline.params import load_params
-    from pipeline.tools.compare import compare_rows, format_rows, plot_rows
+    from pipeline.tools.compare import compare_rows
+    from pipeline.tools.compare_report import format_rows, plot_rows
 
-    rows = compare_rows(load_params(params))
+    rows = compare_rows(load_params(params), by)
     if not rows:
         raise UserError("no pretrain runs in the experiment yet (run `dvc repro`)")
     plot_rows(rows, out)

@@ -84,6 +84,13 @@ def project_root() -> Path:
 
 class ModelParams(Section):
     name: str
+    decoder_depth: Count | None  # None: the preset's
+    decoder_embed_dim: Count | None
+
+    def overrides(self) -> dict[str, int]:
+        """The preset's config keys these params change (`mae.mae_config` overrides)."""
+        keys = ("decoder_depth", "decoder_embed_dim")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @field_validator("name")
     @classmethod
@@ -118,6 +125,7 @@ class Schedule(Section):
 
 class PretrainParams(Schedule):
     mask_ratio: Fraction
+    mask_type: Literal["random", "block", "grid"]  # mae.masking.MASK_TYPES
     norm_pix_loss: bool
     accum_iter: Count
     clip_grad: Positive | None
@@ -139,6 +147,7 @@ class FinetuneParams(Schedule):
     reprob: Fraction
     scale_min: Annotated[float, Field(gt=0, le=1)]
     clip_grad: Positive | None
+    trainable_blocks: Annotated[int, Field(ge=0)] | None  # None: every block trains
 
 
 class LinprobeParams(Schedule):

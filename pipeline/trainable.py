@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 def check_trainable(p: Params) -> None:
     """Raise ParamsError for the first combination of `p` that cannot train."""
-    for check in (_mask_ratio, _mixup_batch, _probe_batch, _knn_k):
+    checks = (_mask_ratio, _mask_type, _decoder, _trainable_blocks, _mixup_batch, _probe_batch)
+    for check in (*checks, _knn_k):
         problem = check(p)
         if problem is not None:
             raise ParamsError(*problem)
@@ -37,6 +38,47 @@ def _mask_ratio(p: Params) -> tuple[str, str] | None:
             "pretrain.mask_ratio",
             f"{ratio} masks none of the {patches} patches of model {p.model.name}: the loss "
             "is computed on masked patches only",
+        )
+    return None
+
+
+def _mask_type(p: Params) -> tuple[str, str] | None:
+    """Grid masking keeps one patch per k x k cell: the ratio and the grid must fit."""
+    from mae.config import grid_cell, mae_config
+
+    if p.pretrain.mask_type != "grid":
+        return None
+    grid = mae_config(p.model.name).grid_size
+    try:
+        grid_cell(grid, p.pretrain.mask_ratio)
+    except ValueError as err:
+        return "pretrain.mask_type", f"grid with pretrain.mask_ratio: {err} (model {p.model.name})"
+    return None
+
+
+def _decoder(p: Params) -> tuple[str, str] | None:
+    """The decoder's width splits over the preset's decoder heads."""
+    from mae.config import mae_config
+
+    heads = mae_config(p.model.name).decoder_num_heads
+    width = p.model.decoder_embed_dim
+    if width is not None and width % heads:
+        return (
+            "model.decoder_embed_dim",
+            f"{width} does not split over the {heads} decoder heads of model {p.model.name}: "
+            f"use a multiple of {heads}",
+        )
+    return None
+
+
+def _trainable_blocks(p: Params) -> tuple[str, str] | None:
+    from mae.config import mae_config
+
+    depth, k = mae_config(p.model.name).depth, p.finetune.trainable_blocks
+    if k is not None and k > depth:
+        return (
+            "finetune.trainable_blocks",
+            f"{k}, but model {p.model.name} has {depth} blocks: use 0 to {depth}, or null (all)",
         )
     return None
 

@@ -3,13 +3,15 @@
 import math
 
 import mlflow
+import pytest
 
 from pipeline.params import parse_params
-from pipeline.tools.compare import compare_rows, format_rows, plot_rows
+from pipeline.tools.compare import compare_rows
+from pipeline.tools.compare_report import format_rows, plot_rows
 from tests.factory import project_params
 
 
-def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):
+def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee", **params):
     """A finished pretrain run with a finetune child of `finetune` test top-1 (2 epochs)
     and a scratch control of those fine-tuning params at 0.8."""
     run = client.create_run(
@@ -22,6 +24,7 @@ def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee"):
         "pretrain.epochs": epochs,
         "model.name": "mae_vit_test",
         "runtime.num_workers": 1,
+        **params,
     }.items():
         client.log_param(rid, k, str(v))
     _downstream(client, experiment, "finetune", finetune, 2, parent=rid)
@@ -62,7 +65,7 @@ def test_runs_that_differ_in_more_than_the_mask_ratio_are_separate_series(tmp_pa
     )
 
     table = format_rows(rows)
-    assert "series differ in more than the mask ratio" in table
+    assert "series differ in more than pretrain.mask_ratio" in table
     assert f"  {series[short]}: git.commit=c0ffee, pretrain.epochs=2" in table
     assert "+6.00" in table  # the gain, in points
     plot_rows(rows, tmp_path / "compare.png")
@@ -72,7 +75,7 @@ def test_runs_that_differ_in_more_than_the_mask_ratio_are_separate_series(tmp_pa
     client.delete_run(newer)
     rows = compare_rows(p)
     assert [(r["series"], r["mask_ratio"]) for r in rows] == [("A", 0.5), ("A", 0.75)]
-    assert "every run shares all settings but the mask ratio" in format_rows(rows)
+    assert "every run shares all settings but pretrain.mask_ratio" in format_rows(rows)
 
 
 def test_commits_that_change_no_code_stay_in_one_series(tmp_path, monkeypatch):
@@ -126,12 +129,46 @@ def test_a_second_fine_tune_of_one_pretrain_run_is_a_row_of_its_own(tmp_path):
     pretrain = _pretrain_run(client, experiment, 0.75, 6, 0.86)
     again = _downstream(client, experiment, "finetune", 0.9, 3, parent=pretrain)
     control = _downstream(client, experiment, "scratch", 0.85, 3)
-    rows = compare_rows(p)
+    rows = compare_rows(p)  # the one key that varies is the one compared
     assert [r["run_id"] for r in rows] == [pretrain, pretrain]
+    assert [(r["by"], r["value"], r["series"]) for r in rows] == [
+        ("finetune.epochs", "2", "A"),
+        ("finetune.epochs", "3", "A"),
+    ]
     by_finetune = {r["finetune_run_id"]: r for r in rows}
-    assert by_finetune[again]["differs"] == {"finetune.epochs": "3"}
     assert by_finetune[again]["scratch_run_id"] == control
     assert math.isclose(by_finetune[again]["mae_gain"], 0.05)
     first = next(r for r in rows if r["finetune_run_id"] != again)
-    assert first["differs"] == {"finetune.epochs": "2"} and math.isclose(first["mae_gain"], 0.06)
+    assert math.isclose(first["mae_gain"], 0.06)
+    assert "every run shares all settings but finetune.epochs" in format_rows(rows)
+    rows = compare_rows(p, by="pretrain.mask_ratio")  # or by another: then it sets them apart
+    by_finetune = {r["finetune_run_id"]: r for r in rows}
+    assert by_finetune[again]["differs"] == {"finetune.epochs": "3"}
     assert "finetune.epochs=3" in format_rows(rows)
+
+
+def test_mask_types_compare_as_names_side_by_side(tmp_path):
+    """A sweep of a categorical key (pretrain.mask_type): the key that varies is compared,
+    its values are names in a table and side by side in the plot; an unknown --by is
+    named with the keys that do vary."""
+    from pipeline.errors import UserError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
+    for kind, top1 in (("random", 0.86), ("grid", 0.84), ("block", 0.85)):
+        _pretrain_run(client, experiment, 0.75, 6, top1, **{"pretrain.mask_type": kind})
+    rows = compare_rows(p)
+    assert [(r["by"], r["value"], r["series"]) for r in rows] == [
+        ("pretrain.mask_type", kind, "A") for kind in ("block", "grid", "random")
+    ]
+    assert [round(r["mae_gain"], 2) for r in rows] == [0.05, 0.04, 0.06]
+    table = format_rows(rows)
+    assert table.splitlines()[0].split()[:2] == ["series", "mask_type"]
+    assert "every run shares all settings but pretrain.mask_type" in table
+    plot_rows(rows, tmp_path / "types.png")
+    assert (tmp_path / "types.png").stat().st_size > 0
+    with pytest.raises(UserError, match=r"compare --by model.depth: no run has that param \(keys "
+                       r"that vary: pretrain.mask_type\)"):  # fmt: skip
+        compare_rows(p, by="model.depth")

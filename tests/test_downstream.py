@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from pipeline.data.shard import run_shard
 from pipeline.errors import UserError
-from pipeline.params import load_params
+from pipeline.params import load_params, parse_params
 from pipeline.stages import run_training
 from pipeline.stages.evaluate import evaluate_run, evaluate_stage
 from tests.factory import bands_dataset, build_project, idx_dataset, project_params
@@ -295,3 +295,34 @@ def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
     with caplog.at_level("WARNING", logger="pipeline.train.stage"):
         ScratchFinetuner.create(p, resolve_runtime(p.runtime))  # 73 steps x 3 = 219
     assert "optimizer steps in all" not in caplog.text
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_partial_fine_tuning_trains_the_last_blocks_norm_and_head_alone(project, k):
+    """`finetune.trainable_blocks` k (the paper's Figure 9): after an epoch of steps the
+    frozen weights are bitwise unchanged, got no gradient and hold no optimizer state;
+    the last k blocks, the final norm and the head moved. Scratch trains every block."""
+    from pipeline.stages.finetune import Finetuner
+    from pipeline.stages.scratch import ScratchFinetuner
+    from pipeline.tracking import NullRun
+    from pipeline.train.runtime import resolve_runtime
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["finetune"]["trainable_blocks"] = k
+    p = parse_params(raw)
+    s = Finetuner.create(p, resolve_runtime(p.runtime))
+    before = {n: x.detach().clone() for n, x in s.model.named_parameters()}
+    s.fit(0, NullRun())  # an epoch: 5 optimizer steps
+    depth = len(s.model.blocks)
+    trains = (*(f"blocks.{i}." for i in range(depth - k, depth)), "fc_norm.", "head.")
+    for name, x in s.model.named_parameters():
+        if name.startswith(trains):
+            assert x.requires_grad and x in s.optimizer.state, name
+        else:
+            assert x.grad is None and x not in s.optimizer.state, name
+            assert torch.equal(x, before[name]), name
+    assert not torch.equal(s.model.head.weight, before["head.weight"])
+    assert all(not b.training for b in s.model.blocks[: depth - k])  # no drop path there
+    control = ScratchFinetuner.create(p, resolve_runtime(p.runtime))
+    assert all(x.requires_grad for x in control.model.parameters())
+    assert control.section.trainable_blocks is None

@@ -23,6 +23,7 @@ CANNOT_CHANGE_OUTPUTS = {
     "pipeline/kept.py": "links the outputs aside once written, for a failed run to put back",
     "pipeline/trainable.py": "refuses values that cannot train; changes none",
     "pipeline/tracking/": "MLflow: records the runs; no DVC output is read from it",
+    "pipeline/settings.py": "what a run changes from the committed params: its MLflow run name",
     "pipeline/mlflow_model.py": "the MLflow model (an MLflow artifact, not a DVC output)",
     "mae/__init__.py": "names imported on first use: followed where they are imported",
 }
@@ -99,3 +100,33 @@ def test_the_search_sees_imports_inside_functions_and_mae_names_imported_on_firs
     assert "pipeline/artifacts.py" in runs  # the issue's case: it writes the model folder
     assert "mae/model.py" in runs and "mae/knn.py" in runs
     assert "pipeline/params.py" in _closure("pipeline.stages.shard")
+
+
+def _stages_reading(key: str) -> set[str]:
+    """The stages whose `dvc.yaml` params cover `key` (itself or its whole section)."""
+    section = key.split(".")[0]
+    return {s for s, v in STAGES.items() if {key, section} & set(v.get("params", []))}
+
+
+@pytest.mark.parametrize(
+    "key, stages",
+    [
+        ("finetune.trainable_blocks", {"finetune"}),  # not scratch: it trains every block
+        ("finetune.epochs", {"finetune", "scratch"}),
+        ("pretrain.mask_type", {"pretrain"}),
+        ("model.decoder_depth", {"pretrain"}),  # scratch builds the preset's decoder
+        ("model.decoder_embed_dim", {"pretrain"}),
+        ("model.name", {"pretrain", "scratch"}),
+    ],
+)
+def test_a_param_reruns_the_stages_that_read_it_and_no_other(key, stages):
+    """DVC re-runs the stages listing a changed key, and those downstream of their outputs
+    (evaluate after finetune): the key's readers are listed, and none that ignores it."""
+    assert _stages_reading(key) == stages
+
+
+def test_the_scratch_stage_lists_every_finetune_key_it_reads():
+    from pipeline.params import FinetuneParams
+
+    listed = {k.removeprefix("finetune.") for k in STAGES["scratch"]["params"]}
+    assert set(FinetuneParams.model_fields) - listed == {"trainable_blocks"}

@@ -112,7 +112,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     assert rows[0]["scratch/test_top1"] == rows[1]["scratch/test_top1"] is not None
     assert all(r["mae_gain"] is not None and r["pretrain/knn_top1"] is not None for r in rows)
     table = run_cmd(["mae-cli", "compare", "--out", "plots/compare.png"], repo)
-    assert "every run shares all settings but the mask ratio" in table
+    assert "every run shares all settings but pretrain.mask_ratio" in table
     assert (repo / "plots/compare.png").is_file()
 
     # A second fine-tune of the same pretrain run (reused from the cache) keeps the first:

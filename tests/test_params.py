@@ -138,6 +138,11 @@ def test_reading_params_imports_neither_torch_nor_timm():
         ("data.in_memory", "auto", True),
         ("data.in_memory", False, True),
         ("data.in_memory", "yes", False),
+        ("pretrain.mask_type", "block", True),
+        ("pretrain.mask_type", "blocks", False),
+        ("finetune.trainable_blocks", None, True),
+        ("finetune.trainable_blocks", -1, False),
+        ("model.decoder_depth", 0, False),
     ],
 )
 def test_switches_that_take_a_bool_or_a_named_choice(key, value, ok):
@@ -193,6 +198,18 @@ def test_every_yaml_1_1_or_1_2_number_loads_as_a_number_and_a_quoted_one_does_no
         ({"finetune": {"cutmix": 1.0, "batch_size": 7}}, "finetune.batch_size: 7 is odd"),
         ({"linprobe": {"batch_size": 1}}, "linprobe.batch_size: 1: the probe's BatchNorm"),
         ({"pretrain": {"knn_bank": 10}}, "pretrain.knn_k: 20 neighbours, but the k-NN bank"),
+        (
+            {"pretrain": {"mask_type": "grid", "mask_ratio": 0.5}},
+            "pretrain.mask_type: grid with pretrain.mask_ratio: grid masking keeps one patch",
+        ),
+        (
+            {"model": {"name": "mae_vit_s_patch4_28"}, "pretrain": {"mask_type": "grid"}},
+            "pretrain.mask_type: grid with pretrain.mask_ratio: grid masking at mask_ratio "
+            "0.75 keeps one patch of every 2x2 cell, which do not tile the 7x7 patch grid "
+            "(model mae_vit_s_patch4_28)",
+        ),
+        ({"finetune": {"trainable_blocks": 5}}, "finetune.trainable_blocks: 5, but model"),
+        ({"model": {"decoder_embed_dim": 50}}, "model.decoder_embed_dim: 50 does not split"),
     ],
 )
 def test_values_that_cannot_train_together_are_refused_naming_the_key(raw, message):
@@ -208,6 +225,12 @@ def test_values_near_those_limits_still_train():
         "linprobe": {"batch_size": 2},
     }
     assert parse_params(project_params(near)).pretrain.mask_ratio == 0.01
+    ablations = {
+        "model": {"decoder_depth": 4, "decoder_embed_dim": 64},
+        "pretrain": {"mask_type": "grid", "mask_ratio": 0.75},
+        "finetune": {"trainable_blocks": 0},
+    }
+    assert parse_params(project_params(ablations)).finetune.trainable_blocks == 0
     assert parse_params(project_params({"pretrain": {"probe_every": 0, "knn_bank": 1}}))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline import reports, tracking
+from pipeline import reports, settings, tracking
 from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError
@@ -73,8 +73,17 @@ class Downstream(Stage):
         return {k: v for k, v in parent.data.params.items() if k.startswith(prefixes)}
 
     def run_name(self) -> str:
-        ratio = self.inherited.get("pretrain.mask_ratio")
-        return f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} (random init)"
+        """`<stage> mask=<the pretrain run's ratio>` (`(random init)` for scratch) and what
+        else differs from the committed params.yaml: its own section as it ran, and what
+        the pretrain run inherited from (data, model, pretrain)."""
+        ratio, p, own = self.inherited.get("pretrain.mask_ratio"), self.p, self.section_name
+        now = {**flatten(p.data, "data."), "model.name": p.model.name}
+        if ratio is not None:  # from a pretrain run: what it ran with (scratch: the encoder)
+            now |= flatten(p.model, "model.") | flatten(p.pretrain, "pretrain.")
+        changes = settings.changed(now | flatten(self.section, f"{own}."))
+        changes.pop("pretrain.mask_ratio", None)
+        head = f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} (random init)"
+        return settings.run_name(head, changes, own)
 
     def run_params(self) -> dict:
         return {

@@ -8,7 +8,7 @@ import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mae import build_classifier
+from mae import build_classifier, freeze_all_but_last_blocks
 from mae.optim import FINETUNE_BETAS, build_adamw, finetune_param_groups
 from pipeline.artifacts import classifier_config
 from pipeline.data.loader import Augment, Loader
@@ -25,6 +25,12 @@ class Finetuner(Downstream):
         return build_classifier(
             pre.cfg, self.num_classes, pre.state, drop_path_rate=self.section.drop_path
         )
+
+    def freeze(self) -> None:
+        """`finetune.trainable_blocks` k: all but the last k blocks, the final norm and the
+        head frozen (no gradient, no optimizer state); null: every parameter trains."""
+        k = self.section.trainable_blocks
+        self.frozen = [] if k is None else freeze_all_but_last_blocks(self.model, k)
 
     def build_loader(self) -> Loader:
         s = self.section
@@ -55,10 +61,17 @@ class Finetuner(Downstream):
         return None, torch.nn.CrossEntropyLoss()
 
     def derived_params(self) -> dict:
-        return {"finetune.lr": self.lr, "finetune.effective_batch": self.effective_batch}
+        trainable = sum(x.numel() for x in self.model.parameters() if x.requires_grad)
+        return {
+            f"{self.section_name}.lr": self.lr,
+            f"{self.section_name}.effective_batch": self.effective_batch,
+            f"{self.section_name}.trainable_parameters": trainable,
+        }
 
     def fit(self, epoch: int, run) -> dict:
         self.net.train()
+        for block in self.frozen:
+            block.eval()
         self.loader.set_epoch(epoch)
         return self.loop.run(epoch, self.loader, self._loss, run, self.history.steps)
 

@@ -15,9 +15,10 @@ import torch
 
 from mae import MaskedAutoencoderViT, len_keep, mae_config
 from mae.knn import knn_predict, pooled_features
+from mae.masking import mask_noise
 from mae.optim import build_adamw, pretrain_param_groups
 from mae.visualize import reconstruction_grid, to_png
-from pipeline import reports
+from pipeline import reports, settings
 from pipeline.artifacts import save_pretrained
 from pipeline.data.memory import to_device
 from pipeline.data.store import shard_store
@@ -32,8 +33,11 @@ log = logging.getLogger(__name__)
 STAGE = "pretrain"
 
 
-def build_model(p: Params, manifest: dict) -> MaskedAutoencoderViT:
-    cfg = mae_config(p.model.name, norm_pix_loss=p.pretrain.norm_pix_loss)
+def build_model(p: Params, manifest: dict, decoder: bool = True) -> MaskedAutoencoderViT:
+    """The MAE of `model.name`, its decoder as `model.decoder_*` set it (`decoder=False`:
+    the preset's, for the scratch control, which reads the encoder alone)."""
+    overrides = p.model.overrides() if decoder else {}
+    cfg = mae_config(p.model.name, norm_pix_loss=p.pretrain.norm_pix_loss, **overrides)
     if cfg.in_chans != manifest["channels"]:
         raise UserError(
             f"model.name {p.model.name} takes {cfg.in_chans}-channel images but "
@@ -74,7 +78,13 @@ class Pretrainer(Stage):
         return flatten(p.model), flatten(self.section), flatten(p.runtime), self.digest, world
 
     def run_name(self) -> str:
-        return f"{STAGE} mask={self.section.mask_ratio}"
+        """`pretrain mask=<ratio>` and what else differs from the committed params.yaml."""
+        p = self.p
+        now = {**flatten(p.data, "data."), **flatten(p.model, "model.")}
+        now |= flatten(self.section, "pretrain.")
+        changes = settings.changed(now)
+        changes.pop("pretrain.mask_ratio", None)
+        return settings.run_name(f"{STAGE} mask={self.section.mask_ratio}", changes, STAGE)
 
     def run_params(self) -> dict:
         cfg = self.model.cfg
@@ -98,8 +108,12 @@ class Pretrainer(Stage):
         loader = self.loader_for(split, "eval", n, self.model.cfg.image_hw[0])
         imgs = loader.images(next(iter(loader)), self.rt.device)
         masking = torch.Generator().manual_seed(self.p.runtime.seed)
-        noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=masking)
-        return imgs, noise.to(self.rt.device)
+        return imgs, self._noise(imgs.shape[0], masking).to(self.rt.device)
+
+    def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, L) masking noise of `pretrain.mask_type` (`mae.masking`)."""
+        s, cfg = self.section, self.model.cfg
+        return mask_noise(s.mask_type, n, cfg.grid_size, s.mask_ratio, generator)
 
     def train_epoch(self, epoch: int, run) -> dict:
         self.net.train()
@@ -119,7 +133,7 @@ class Pretrainer(Stage):
         imgs = self.loader.images(batch, self.rt.device, self.generator, d.rank, d.world_size)
         # drawn for the global batch, this rank's rows kept: ranks do not change the masks
         n = imgs.shape[0]
-        noise = torch.rand(n * d.world_size, self.model.cfg.num_patches, generator=self.generator)
+        noise = self._noise(n * d.world_size, self.generator)
         noise = to_device(noise[d.share(n)], self.rt.device)
         with self.rt.autocast():
             loss, _, _ = self.net(imgs, self.section.mask_ratio, noise)

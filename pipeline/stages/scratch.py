@@ -15,15 +15,21 @@ from pipeline.data.store import shard_store
 from pipeline.params import Params
 from pipeline.stages.finetune import Finetuner
 from pipeline.stages.pretrain import build_model
-from pipeline.train.runtime import seed_everything
+from pipeline.train.runtime import Runtime, seed_everything
 
 
 class ScratchFinetuner(Finetuner):
     name = "scratch"
     section_name = "finetune"
 
+    def __init__(self, p: Params, rt: Runtime) -> None:
+        super().__init__(p, rt)
+        # every block trains, whatever finetune.trainable_blocks says: partially fine-tuning
+        # a random encoder measures little, and one control serves every setting of it
+        self.section = p.finetune.model_copy(update={"trainable_blocks": None})
+
     def encoder(self, p: Params) -> Pretrained:
         shards = shard_store(p.data)
         seed_everything(p.runtime.seed)  # the pretrain stage's initial weights, exactly
-        model = build_model(p, shards.manifest())
+        model = build_model(p, shards.manifest(), decoder=False)  # model.decoder_*: no rerun
         return Pretrained(model.cfg, model.state_dict(), None, shards.digest())

@@ -1,10 +1,12 @@
-"""Mask ratio against downstream accuracy across the tracked pretrain runs (the shape of
-the paper's Figure 5): a table, JSON and a PNG.
+"""One setting against downstream accuracy across the tracked pretrain runs: the mask
+ratio by default (the shape of the paper's Figure 5), or any key a sweep varied
+(`--by pretrain.mask_type`, `finetune.trainable_blocks`, `model.decoder_depth`, ...),
+numbers or names: a table, JSON and a PNG.
 
-Like is compared with like: runs that differ in anything but the mask ratio (epochs,
-model, recipe, data digest, code) fall into separate series, and the table names what
-differs between them. Two commits are the same code when git shows no change under
-`mae/` and `pipeline/` between them.
+Like is compared with like: runs that differ in anything but that key (epochs, model,
+recipe, data digest, code) fall into separate series, and the table names what differs
+between them. Two commits are the same code when git shows no change under `mae/` and
+`pipeline/` between them.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import math
 import string
 import subprocess
-from pathlib import Path
 
 from pipeline import tracking
-from pipeline.params import Params
+from pipeline.errors import UserError
+from pipeline.params import Params, project_root
+from pipeline.settings import NOT_A_SETTING
 
 COLUMNS = (
     "finetune/test_top1",
@@ -26,24 +29,7 @@ COLUMNS = (
     "pretrain/loss",
 )
 HEADERS = ("finetune", "linprobe", "scratch", "gain", "k-NN", "loss")
-# Params that do not change what a run computes, or that the mask ratio derives.
-NOT_A_SETTING = (
-    "pretrain.mask_ratio",
-    "pretrain.patches_kept",
-    "pretrain.log_every",
-    "pretrain.recon_every",
-    "pretrain.probe_every",
-    "finetune.log_every",
-    "linprobe.log_every",
-    "data.workers",
-    "data.cache",  # and data.cache_max_gb: where remote shards are kept, not what they hold
-    "data.in_memory",  # and data.train_in_memory: held or streamed, the same batches
-    "data.train_in_memory",
-    "runtime.num_workers",
-    "runtime.nproc",
-    "tracking.",
-    "paths.",
-)
+DEFAULT_BY = "pretrain.mask_ratio"
 TAGS = ("data.manifest_digest", "git.commit")
 CODE = ("mae", "pipeline")  # what a run computes with, besides its params and data
 
@@ -65,7 +51,7 @@ def _code_unchanged(a: str, b: str) -> bool:
     try:
         diff = subprocess.run(
             ["git", "diff", "--quiet", a, b, "--", *CODE],
-            cwd=tracking.project_root(),
+            cwd=project_root(),
             capture_output=True,
             timeout=30,
         )
@@ -85,14 +71,37 @@ def _same_code(commits: list[str]) -> dict[str, str]:
     return canonical
 
 
-def compare_rows(p: Params) -> list[dict]:
+def compare_rows(p: Params, by: str | None = None) -> list[dict]:
     """One row per pretrain run and fine-tuning setting: its finetune, linprobe and scratch
     test top-1, gain and k-NN, each read from the run that produced it (a finetune child,
     the scratch run of the same `finetune.*` params, the newest linprobe child), whose
     params join the row's setting: a second fine-tune of one pretrain run with other
-    params is a row of its own. `series` groups the rows that share every setting but
-    the mask ratio, `differs` says what sets each series apart."""
-    experiment_id = tracking.connect(p.tracking)
+    params is a row of its own. `by`: the key compared (the row's `value`); default: the
+    mask ratio, or the one key that varies when the mask ratio does not. `series` groups
+    the rows that share every other setting, `differs` says what sets each series apart.
+    UserError for a `by` that no run has."""
+    pairs = _pairs(tracking.connect(p.tracking))
+    settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
+    code = _same_code([s["git.commit"] for s in settings])
+    for s in settings:
+        s["git.commit"] = code[s["git.commit"]]
+    keys = sorted({k for s in settings for k in s})
+    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    by = _check_by(by, keys, varying) if by else _default_by(varying)
+    series: dict[tuple, str] = {}
+    rows = []
+    for (run, finetune, linprobe, scratch), setting in zip(pairs, settings, strict=True):
+        differs = {k: setting.get(k, "") for k in varying if k != by}
+        name = series.setdefault(tuple(differs.items()), string.ascii_uppercase[len(series) % 26])
+        row = _row(run, finetune, linprobe, scratch)
+        rows.append({"series": name, "by": by, "value": setting.get(by, ""), **row})
+        rows[-1]["differs"] = differs
+    return sorted(rows, key=lambda r: (r["series"], order(r["value"]), r["start_time"]))
+
+
+def _pairs(experiment_id: str) -> list[tuple]:
+    """(pretrain, finetune, linprobe, scratch) runs, one per pretrain run and fine-tuning
+    setting, oldest pretrain run first; finished or running runs only."""
     done = ("FINISHED", "RUNNING")  # a FAILED or KILLED run compares nothing
     runs = [
         r
@@ -107,46 +116,52 @@ def compare_rows(p: Params) -> list[dict]:
         if r.info.status in done
     ]
     downstream.sort(key=lambda r: r.info.start_time)  # newest last
-    pairs = [(run, *results) for run in runs for results in _results(run, downstream)]
-    settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
-    code = _same_code([s["git.commit"] for s in settings])
-    for s in settings:
-        s["git.commit"] = code[s["git.commit"]]
-    keys = sorted({k for s in settings for k in s})
-    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
-    series: dict[tuple, str] = {}
-    rows = []
-    for (run, finetune, linprobe, scratch), setting in zip(pairs, settings, strict=True):
-        differs = {k: setting.get(k, "") for k in varying}
-        name = series.setdefault(tuple(differs.items()), string.ascii_uppercase[len(series) % 26])
-        top1 = {
-            "finetune/test_top1": _top1(finetune),
-            "linprobe/test_top1": _top1(linprobe),
-            "scratch/test_top1": _top1(scratch),
-        }
-        rows.append(
-            {
-                "series": name,
-                "mask_ratio": float(run.data.params["pretrain.mask_ratio"]),
-                "run_id": run.info.run_id,
-                **{
-                    f"{s}_run_id": r.info.run_id if r else ""
-                    for s, r in (
-                        ("finetune", finetune),
-                        ("linprobe", linprobe),
-                        ("scratch", scratch),
-                    )
-                },
-                "status": run.info.status,
-                "start_time": run.info.start_time,
-                "dvc_exp": run.data.tags.get("dvc.exp_name", ""),
-                **top1,
-                "mae_gain": top1["finetune/test_top1"] - top1["scratch/test_top1"],
-                **{c: run.data.metrics.get(c, math.nan) for c in COLUMNS[4:]},
-                "differs": differs,
-            }
-        )
-    return sorted(rows, key=lambda r: (r["series"], r["mask_ratio"], r["start_time"]))
+    return [(run, *results) for run in runs for results in _results(run, downstream)]
+
+
+def _default_by(varying: list[str]) -> str:
+    params = [k for k in varying if k not in TAGS]
+    return params[0] if len(params) == 1 else DEFAULT_BY
+
+
+def _check_by(by: str, keys: list[str], varying: list[str]) -> str:
+    if by not in keys:
+        shown = ", ".join(k for k in varying if k not in TAGS) or "none"
+        raise UserError(f"compare --by {by}: no run has that param (keys that vary: {shown})")
+    return by
+
+
+def _row(run, finetune, linprobe, scratch) -> dict:
+    top1 = {
+        "finetune/test_top1": _top1(finetune),
+        "linprobe/test_top1": _top1(linprobe),
+        "scratch/test_top1": _top1(scratch),
+    }
+    runs = (("finetune", finetune), ("linprobe", linprobe), ("scratch", scratch))
+    return {
+        "mask_ratio": float(run.data.params["pretrain.mask_ratio"]),
+        "run_id": run.info.run_id,
+        **{f"{s}_run_id": r.info.run_id if r else "" for s, r in runs},
+        "status": run.info.status,
+        "start_time": run.info.start_time,
+        "dvc_exp": run.data.tags.get("dvc.exp_name", ""),
+        **top1,
+        "mae_gain": top1["finetune/test_top1"] - top1["scratch/test_top1"],
+        **{c: run.data.metrics.get(c, math.nan) for c in COLUMNS[4:]},
+    }
+
+
+def to_number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def order(value: str) -> tuple:
+    """Numbers in numeric order before names (e.g. trainable_blocks 0, 1, 2, then None)."""
+    number = to_number(value)
+    return (0, number, "") if number is not None else (1, 0.0, value)
 
 
 def _downstream_setting(run, section: str) -> dict[str, str]:
@@ -186,7 +201,8 @@ def _finetune_key(run) -> tuple:
         for k, v in run.data.params.items()
         if k.startswith(prefix)
     }
-    derived = ("finetune.lr", "finetune.effective_batch")
+    # derived from the others; trainable_blocks: scratch, the control, ignores it
+    derived = ("finetune.lr", "finetune.effective_batch", "finetune.trainable_blocks")
     return tuple(
         sorted(
             (k, v)
@@ -198,76 +214,3 @@ def _finetune_key(run) -> tuple:
 
 def _top1(run) -> float:
     return run.data.metrics.get("test/top1", math.nan) if run is not None else math.nan
-
-
-def _cell(value: float, column: str) -> str:
-    if math.isnan(value):
-        return "-"
-    if column == "mae_gain":
-        return f"{100 * value:+.2f}"
-    return f"{value:.4f}" if column == "pretrain/loss" else f"{100 * value:.2f}"
-
-
-def format_rows(rows: list[dict]) -> str:
-    """The table (accuracies in %, gain in points), then what sets each series apart."""
-    lines = [
-        f"{'series':<6}  {'mask':>5}  "
-        + "  ".join(f"{h:>8}" for h in HEADERS)
-        + f"  {'status':<8}  {'run':<32}  dvc exp"
-    ]
-    for r in rows:
-        cells = "  ".join(f"{_cell(r[c], c):>8}" for c in COLUMNS)
-        lines.append(
-            f"{r['series']:<6}  {r['mask_ratio']:>5.2f}  {cells}  {r['status']:<8}"
-            f"  {r['run_id']:<32}  {r['dvc_exp']}"
-        )
-    names = sorted({r["series"] for r in rows})
-    lines.append("")
-    if len(names) == 1:
-        lines.append(f"series {names[0]}: every run shares all settings but the mask ratio")
-    else:
-        lines.append("series differ in more than the mask ratio; each is compared on its own:")
-        for name in names:
-            differs = next(r["differs"] for r in rows if r["series"] == name)
-            text = ", ".join(f"{k}={_short(k, v)}" for k, v in differs.items())
-            lines.append(f"  {name}: {text}")
-    return "\n".join(lines)
-
-
-def _short(key: str, value: str) -> str:
-    return value[:10] if key in TAGS else value
-
-
-def plot_rows(rows: list[dict], path: Path) -> None:
-    """Fine-tuning (solid), linear probing (dashed), test top-1, the k-NN probe's val top-1
-    (dash-dot) and scratch (dotted) against the mask ratio, one colour per series; a re-run
-    ratio shows its newest run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ((COLUMNS[0], "o-", "fine-tuning"), (COLUMNS[1], "s--", "linear probing"))
-    styles += ((COLUMNS[4], "^-.", "k-NN (pretraining)"), (COLUMNS[2], ":", "scratch"))
-    for i, name in enumerate(sorted({r["series"] for r in rows})):
-        newest = {r["mask_ratio"]: r for r in rows if r["series"] == name}  # rows sorted by time
-        for column, style, label in styles:
-            points = sorted((x, r[column]) for x, r in newest.items() if not math.isnan(r[column]))
-            if points:
-                ax.plot(
-                    [x for x, _ in points],
-                    [100 * y for _, y in points],
-                    style,
-                    color=f"C{i}",
-                    label=f"{label} [{name}]",
-                )
-    ax.set_xlabel("masking ratio")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Masking ratio vs downstream accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
