@@ -12,11 +12,12 @@ sweep() {  # name key values [more -S]
   local name=$1 key=$2 values=$3
   shift 3
   local start=$SECONDS
+  # its closing `mae-cli compare` reads params.yaml's experiment, not $EXP: compared below
   make sweep KEY="$key" VALUES="$values" SET="-S tracking.experiment=$EXP $*" \
-    > "$OUT/$name.log" 2>&1
+    > "$OUT/$name.log" 2>&1 || true
   echo "{\"sweep\": \"$name\", \"key\": \"$key\", \"values\": \"$values\", \"extra\": \"$*\", \"minutes\": $(( (SECONDS - start) / 60 ))}" >> "$OUT/sweeps.jsonl"
 }
-sweep mask-type pretrain.mask_type random,block,grid
+[ -n "${SKIP_MASK_TYPE:-}" ] || sweep mask-type pretrain.mask_type random,block,grid
 sweep block-half pretrain.mask_ratio 0.5 -S pretrain.mask_type=block
 sweep partial-finetune finetune.trainable_blocks 0,1,2
 sweep decoder-depth model.decoder_depth 1,4
