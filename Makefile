@@ -8,6 +8,8 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 KEY ?= pretrain.mask_ratio
 VALUES ?= 0.25,0.5,0.75,0.9
 SET ?=
+# EXPERIMENT: an MLflow experiment of the sweep's own (default: tracking.experiment)
+EXPERIMENT ?=
 # DVC stages call `mae-cli`: find it in the project's environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 # MLflow's usage telemetry stays off unless you set MLFLOW_DISABLE_TELEMETRY=false
@@ -51,14 +53,15 @@ gpu-run: setup ## Run the GPU recipe (GPU_RECIPE) as a DVC experiment, on every 
 		pull="$$($(BIN)/dvc remote default >/dev/null 2>&1 && echo --pull || true)" && \
 		eval "$(BIN)/dvc exp run $$pull -n gpu-recipe $$args"
 
-sweep: setup ## Queue and run a sweep of one key (KEY=... VALUES=a,b,...; SET='-S k=v' for more), then compare
+sweep: setup ## Queue and run a sweep of one key (KEY=... VALUES=a,b,...; SET='-S k=v', EXPERIMENT=), then compare
 	@# Create the tracking store once: parallel first use of a fresh SQLite store fails.
 	$(BIN)/python -c "from pipeline.params import load_params; from pipeline.tracking import connect; connect(load_params('params.yaml').tracking)"
-	$(BIN)/dvc exp run --queue -S '$(KEY)=$(VALUES)' $(SET)
+	$(BIN)/dvc exp run --queue -S '$(KEY)=$(VALUES)' $(SET) \
+		$(if $(EXPERIMENT),-S tracking.experiment=$(EXPERIMENT))
 	$(BIN)/dvc queue start
 	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 30; done
 	$(BIN)/dvc queue status
-	$(BIN)/mae-cli compare --by $(KEY)
+	$(BIN)/mae-cli compare --by $(KEY) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 compare: ## Mask ratio vs downstream accuracy across tracked runs (plots/compare.png)
 	$(BIN)/mae-cli compare

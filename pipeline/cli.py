@@ -173,6 +173,9 @@ def compare(
         help="The key compared, e.g. pretrain.mask_type, finetune.trainable_blocks; "
         "default: pretrain.mask_ratio, or the one key that varies.",
     ),
+    experiment: str = typer.Option(
+        None, "--experiment", help="The MLflow experiment; default: tracking.experiment."
+    ),
     out: Path = typer.Option(Path("plots/compare.png"), help="Where to write the plot."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
@@ -185,9 +188,16 @@ def compare(
     from pipeline.tools.compare import compare_rows
     from pipeline.tools.compare_report import format_rows, plot_rows
 
-    rows = compare_rows(load_params(params), by)
+    p = load_params(params)
+    if experiment is not None:  # a sweep's own experiment (make sweep EXPERIMENT=...)
+        p = p.model_copy(
+            update={"tracking": p.tracking.model_copy(update={"experiment": experiment})}
+        )
+    rows = compare_rows(p, by)
     if not rows:
-        raise UserError("no pretrain runs in the experiment yet (run `dvc repro`)")
+        raise UserError(
+            f"no pretrain runs in experiment {p.tracking.experiment!r} (run `dvc repro`)"
+        )
     plot_rows(rows, out)
     if as_json:
         nan_free = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]

@@ -172,3 +172,9 @@ def test_mask_types_compare_as_names_side_by_side(tmp_path):
     with pytest.raises(UserError, match=r"compare --by model.depth: no run has that param \(keys "
                        r"that vary: pretrain.mask_type\)"):  # fmt: skip
         compare_rows(p, by="model.depth")
+    missing = p.model_copy(
+        update={"tracking": p.tracking.model_copy(update={"experiment": "typo"})}
+    )
+    with pytest.raises(UserError, match="no MLflow experiment 'typo' in sqlite:///"):
+        compare_rows(missing)  # and none made by asking
+    assert mlflow.MlflowClient(uri).get_experiment_by_name("typo") is None

@@ -11,7 +11,7 @@ import torch
 from mae.optim import build_adamw
 from pipeline.params import load_params
 from pipeline.stages import run_training
-from pipeline.tools.bench import bench_train_step
+from pipeline.tools.bench import StepOptions, bench_train_step
 from pipeline.train.runtime import resolve_runtime
 from tests.factory import ROOT, build_project
 from tests.test_distributed import check_same_training, run_one_and_two_ranks
@@ -37,13 +37,15 @@ def test_pretrain_on_cuda_in_bf16_compiled(tmp_path, monkeypatch):
 
 
 def test_bench_on_cuda_reports_bf16_mfu_and_the_speedup():
-    result = bench_train_step("mae_vit_test", 64, steps=3, warmup=2, peak_tflops=100.0)
+    result = bench_train_step(StepOptions("mae_vit_test", 64, steps=3, warmup=2, peak_tflops=100.0))
     assert result.precision == "bf16" and result.device != "cpu"
     assert 0 < result.mfu < 1 and result.peak_memory_gb > 0 and result.speedup > 0
 
 
 def test_the_official_fp16_step_runs_beside_ours_and_adamw_is_fused():
-    official = bench_train_step("mae_vit_test", 64, steps=2, warmup=1, precision="fp16")
+    official = bench_train_step(
+        StepOptions("mae_vit_test", 64, steps=2, warmup=1, precision="fp16")
+    )
     assert official.precision == "fp16" and official.img_per_s > 0 and official.mfu > 0
     w = torch.nn.Linear(4, 4, device="cuda")
     assert build_adamw([{"params": list(w.parameters())}], lr=1e-3).defaults["fused"]

@@ -203,67 +203,81 @@ def _peak_memory_gb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def bench_train_step(
-    model_name: str,
-    batch_size: int,
-    mask_ratio: float = 0.75,
-    steps: int = 10,
-    warmup: int = 3,
-    device: str = "auto",
-    precision: str = "auto",
-    compile: bool | str = False,
-    img_size: int | None = None,
-    loader=None,
-    baseline: bool = True,
-    peak_tflops: float | None = None,
-    seed: int = 0,
-) -> StepBench:
-    """Time `steps` training steps (forward + backward + AdamW) after `warmup` untimed ones,
-    on synthetic images or on `loader`'s (a pretrain Loader); with `baseline`, the
-    same for the model with mask tokens through its encoder."""
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    overrides = {"img_size": img_size} if img_size else {}
+@dataclass(frozen=True)
+class StepOptions:
+    """What `bench_train_step` measures: a model preset at a batch size, the step's
+    settings (`runtime.precision` and `runtime.compile`'s values; "fp16" is the official
+    code's loss-scaled step), how many steps, and the baseline with mask tokens."""
+
+    model: str
+    batch_size: int
+    mask_ratio: float = 0.75
+    steps: int = 10
+    warmup: int = 3
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool | str = False
+    img_size: int | None = None
+    baseline: bool = True
+    peak_tflops: float | None = None
+    seed: int = 0
+
+
+def bench_train_step(o: StepOptions, loader=None) -> StepBench:
+    """Time `o.steps` training steps (forward + backward + AdamW) after `o.warmup` untimed
+    ones, on synthetic images or on `loader`'s (a pretrain Loader); with `o.baseline`, the
+    same for the model with mask tokens through its encoder. ValueError for a precision
+    the device lacks."""
+    torch.manual_seed(o.seed)
+    dev = resolve_device(o.device)
+    overrides = {"img_size": o.img_size} if o.img_size else {}
     if loader is not None:
         overrides["in_chans"] = loader.manifest["channels"]
-    cfg = mae_config(model_name, **overrides)
-    precision, amp = step_precision(precision, dev)
+    cfg = mae_config(o.model, **overrides)
+    precision, amp = step_precision(o.precision, dev)
     timing = dict(
-        mask_ratio=mask_ratio,
-        steps=steps,
-        warmup=warmup,
+        mask_ratio=o.mask_ratio,
+        steps=o.steps,
+        warmup=o.warmup,
         autocast=Runtime(dev, amp).autocast,
-        compile=compile,
+        compile=o.compile,
         official=precision == "fp16",
     )
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    batches = _synthetic(cfg, batch_size, dev) if loader is None else _from_shards(loader, dev)
+    batches = _synthetic(cfg, o.batch_size, dev) if loader is None else _from_shards(loader, dev)
     wait, compute = _time_steps(MaskedAutoencoderViT(cfg).to(dev), batches, **timing)
     peak_gb = _peak_memory_gb(dev)
     base = None
-    if baseline:  # the same images for both: the data pipeline is not what is compared
+    if o.baseline:  # the same images for both: the data pipeline is not what is compared
         other = MaskTokensInEncoderMAE(cfg).to(dev)
-        _, base = _time_steps(other, _synthetic(cfg, batch_size, dev), **timing)
-    step = wait + compute
-    flop = mae_step_flops(cfg, batch_size, mask_ratio) / 1e12
+        _, base = _time_steps(other, _synthetic(cfg, o.batch_size, dev), **timing)
     # MFU against the dense bf16 peak (fp16's is the same on these chips)
-    peak = peak_tflops or (bf16_peak_tflops(dev) if amp is not None else None)
+    peak = o.peak_tflops or (bf16_peak_tflops(dev) if amp is not None else None)
+    data = "synthetic" if loader is None else "memory" if loader.in_memory else "shards"
+    return _step_bench(o, cfg, dev, precision, data, (wait, compute, base), peak_gb, peak)
+
+
+def _step_bench(o: StepOptions, cfg, dev, precision: str, data: str, times, peak_gb, peak):
+    """The figures of one measurement: `times` = (data wait, compute, baseline compute) s."""
+    wait, compute, base = times
+    step = wait + compute
+    flop = mae_step_flops(cfg, o.batch_size, o.mask_ratio) / 1e12
     return StepBench(
-        model=model_name,
+        model=o.model,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         precision=precision,
-        compile=compile,
-        data="synthetic" if loader is None else "memory" if loader.in_memory else "shards",
+        compile=o.compile,
+        data=data,
         img_size=cfg.image_hw[0],
-        batch_size=batch_size,
-        mask_ratio=mask_ratio,
-        steps=steps,
+        batch_size=o.batch_size,
+        mask_ratio=o.mask_ratio,
+        steps=o.steps,
         threads=torch.get_num_threads(),
         step_ms=step * 1e3,
         data_ms=wait * 1e3,
         compute_ms=compute * 1e3,
-        img_per_s=batch_size / step,
+        img_per_s=o.batch_size / step,
         peak_memory_gb=peak_gb,
         step_tflop=flop,
         tflops=flop / step,

@@ -62,7 +62,7 @@ def bench_step(
     import json
 
     from pipeline.params import RuntimeParams
-    from pipeline.tools.bench import bench_train_step, shards_loader
+    from pipeline.tools.bench import StepOptions, bench_train_step, shards_loader
 
     choice("--precision", precision, (*literal(RuntimeParams, "precision"), "fp16"))
     choice("--data", data, ("synthetic", "shards", "memory"))
@@ -71,7 +71,7 @@ def bench_step(
         loader = None
         if data != "synthetic":
             loader = shards_loader(params, model, img_size, batch_size, data == "memory", device)
-        result = bench_train_step(
+        options = StepOptions(
             model,
             batch_size,
             mask_ratio=mask_ratio,
@@ -81,10 +81,10 @@ def bench_step(
             precision=precision,
             compile=compile_mode if compile else False,
             img_size=img_size,
-            loader=loader,
             baseline=baseline,
             peak_tflops=peak_tflops,
         )
+        result = bench_train_step(options, loader)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(json.dumps(result.to_dict()) if as_json else result.line())

@@ -80,7 +80,7 @@ def compare_rows(p: Params, by: str | None = None) -> list[dict]:
     mask ratio, or the one key that varies when the mask ratio does not. `series` groups
     the rows that share every other setting, `differs` says what sets each series apart.
     UserError for a `by` that no run has."""
-    pairs = _pairs(tracking.connect(p.tracking))
+    pairs = _pairs(tracking.connect(p.tracking, create=False))  # a typo makes none
     settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
     code = _same_code([s["git.commit"] for s in settings])
     for s in settings:

@@ -90,8 +90,9 @@ def follow_moved_store(uri: str) -> None:
             log.info("MLflow store %s was in %s: its artifact locations follow it", db, plain)
 
 
-def connect(p: TrackingParams) -> str:
-    """Point MLflow at the store and the experiment; -> the experiment id."""
+def connect(p: TrackingParams, create: bool = True) -> str:
+    """Point MLflow at the store and the experiment (made if missing, unless `create` is
+    False: then UserError naming it); -> the experiment id."""
     uri = resolve_uri(p)
     follow_moved_store(uri)
     mlflow.set_tracking_uri(uri)
@@ -103,6 +104,8 @@ def connect(p: TrackingParams) -> str:
             raise UserError(
                 f"cannot reach the MLflow tracking store at {uri}: {first_line(err)}"
             ) from None
+        if experiment is None and not create:
+            raise UserError(f"no MLflow experiment {p.experiment!r} in {uri} (no stage ran in it)")
         if experiment is None:
             try:
                 location = _artifact_location(uri)

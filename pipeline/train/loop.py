@@ -126,20 +126,11 @@ class EpochLoop:
             images += len(batch["label"])
             bar.update()
             if last:
-                if self.clip_grad is not None:
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                self._step()
                 step += 1
                 if step % self.log_every == 0:
-                    with log_point():
-                        value = self._mean(losses[-1])
-                        self._check(value, epoch, losses)
-                        point = {"step": step, "epoch": epoch + it / micro_steps}
-                        history.append({**point, "loss": value, "lr": lr})
-                        logged = {"train/loss": value, "train/lr": lr, **self.system()}
-                        run.log_metrics(logged, step=step)
+                    point = {"step": step, "epoch": epoch + it / micro_steps, "lr": lr}
+                    value = self._log_point(point, losses, history, run)
                     rate = images * self.dist.world_size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:,.0f}")
         bar.close()
@@ -154,6 +145,27 @@ class EpochLoop:
             "seconds": seconds,
             "data_s": batches.seconds,
         }
+
+    def _step(self) -> None:
+        """The optimizer step of an accumulated batch: clip, step, clear the gradients."""
+        optimizer = self.optimizer
+        if self.clip_grad is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _log_point(self, point: dict, losses: list, history: list[dict], run) -> float:
+        """The one place a step waits for the device: the last loss, checked, into the
+        history and MLflow with the lr and the machine's load; -> the loss."""
+        with log_point():
+            value = self._mean(losses[-1])
+            self._check(value, int(point["epoch"]), losses)
+            history.append({"step": point["step"], "epoch": point["epoch"], "loss": value,
+                            "lr": point["lr"]})  # fmt: skip
+            logged = {"train/loss": value, "train/lr": point["lr"], **self.system()}
+            run.log_metrics(logged, step=point["step"])
+        return value
 
     def _sync(self, last: bool):
         if last or self.ddp is None:
