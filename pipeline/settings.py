@@ -15,6 +15,7 @@ from pipeline.params_yaml import load_yaml
 # Params that do not change what a run computes, or that others derive.
 NOT_A_SETTING = (
     "pretrain.patches_kept",
+    "model.parameters",  # the model's size, which its keys set
     "pretrain.log_every",
     "pretrain.recon_every",
     "pretrain.probe_every",

@@ -37,7 +37,7 @@ KEYS = {"pretrain.mask_type": "mask type", "finetune.trainable_blocks": "trainab
 def _default_elsewhere(key: str, r: dict) -> bool:
     """Whether row `r` of a table of `key` has every other ablation key at its default."""
     settings = {"pretrain.mask_type": "random", "finetune.trainable_blocks": "None",
-                "model.decoder_depth": "None"}  # fmt: skip
+                "model.decoder_depth": "2"}  # fmt: skip
     return all(r["differs"].get(k, v) == v for k, v in settings.items() if k != key)
 
 
@@ -48,7 +48,7 @@ def _metric(run_id: str, key: str) -> float | None:
 
 
 def _row(key: str, r: dict) -> dict:
-    value = r["value"] if key != "model.decoder_depth" or r["value"] != "None" else "2"
+    value = r["value"]
     paper = PAPER[key].get((value, r["mask_ratio"]) if key == "pretrain.mask_type" else value)
     return {
         key: value,

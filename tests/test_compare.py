@@ -33,11 +33,11 @@ def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee", 
     return rid
 
 
-def _downstream(client, experiment, stage, top1, finetune_epochs, parent=None):
+def _downstream(client, experiment, stage, top1, finetune_epochs, parent=None, **params):
     tags = {"stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
     rid = client.create_run(experiment, tags=tags).info.run_id
     section = "scratch" if stage == "scratch" else "finetune"  # as the stages log them
-    for k, v in {"epochs": finetune_epochs, "log_every": 7}.items():
+    for k, v in {"epochs": finetune_epochs, "log_every": 7, **params}.items():
         client.log_param(rid, f"{section}.{k}", str(v))
     client.log_metric(rid, "test/top1", top1)
     client.set_terminated(rid)
@@ -178,3 +178,21 @@ def test_mask_types_compare_as_names_side_by_side(tmp_path):
     with pytest.raises(UserError, match="no MLflow experiment 'typo' in sqlite:///"):
         compare_rows(missing)  # and none made by asking
     assert mlflow.MlflowClient(uri).get_experiment_by_name("typo") is None
+
+
+def test_partial_fine_tunes_of_one_pretrain_run_are_rows_beside_one_control(tmp_path):
+    """finetune.trainable_blocks 0 and 1 and all (None) on one pretrain run: three rows,
+    each gain against the one scratch control, which trains every block."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
+    pretrain = _pretrain_run(client, experiment, 0.75, 6, 0.86)  # its finetune: 2 epochs
+    for blocks, top1 in (("0", 0.72), ("1", 0.8)):
+        _downstream(client, experiment, "finetune", top1, 2, parent=pretrain,
+                    trainable_blocks=blocks)  # fmt: skip
+    rows = compare_rows(p, by="finetune.trainable_blocks")
+    assert [(r["value"], round(r["mae_gain"], 2)) for r in rows] == [
+        ("0", -0.08), ("1", 0.0), ("", 0.06)  # "": logged before the key existed
+    ]  # fmt: skip
+    assert len({r["scratch_run_id"] for r in rows}) == 1 and {r["series"] for r in rows} == {"A"}

@@ -186,23 +186,26 @@ def _results(pretrain, downstream: list) -> list[tuple]:
         return [(None, linprobe, None)]
     scratches = [r for r in downstream if r.data.tags.get("stage") == "scratch"]
     out = []
-    for setting, finetune in newest.items():
-        same = [r for r in scratches if _finetune_key(r) == setting]
+    for finetune in newest.values():
+        control = _finetune_key(finetune, control=True)
+        same = [r for r in scratches if _finetune_key(r, control=True) == control]
         out.append((finetune, linprobe, same[-1] if same else None))
     return out
 
 
-def _finetune_key(run) -> tuple:
+def _finetune_key(run, control: bool = False) -> tuple:
     """The fine-tuning params of a finetune run or a scratch run (which logs its section,
-    `finetune`, as `scratch.*`); the lr and the effective batch follow from them."""
+    `finetune`, as `scratch.*`); the lr and the effective batch follow from them.
+    `control`: those its scratch control shares (not `trainable_blocks`: the control
+    trains every block, one control for every setting of it)."""
     prefix = "scratch." if run.data.tags.get("stage") == "scratch" else "finetune."
     params = {
         f"finetune.{k.removeprefix(prefix)}": v
         for k, v in run.data.params.items()
         if k.startswith(prefix)
     }
-    # derived from the others; trainable_blocks: scratch, the control, ignores it
-    derived = ("finetune.lr", "finetune.effective_batch", "finetune.trainable_blocks")
+    derived = ("finetune.lr", "finetune.effective_batch")
+    derived += ("finetune.trainable_blocks",) if control else ()
     return tuple(
         sorted(
             (k, v)
