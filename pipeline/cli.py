@@ -188,16 +188,7 @@ def compare(
     from pipeline.tools.compare import compare_rows
     from pipeline.tools.compare_report import format_rows, plot_rows
 
-    p = load_params(params)
-    if experiment is not None:  # a sweep's own experiment (make sweep EXPERIMENT=...)
-        p = p.model_copy(
-            update={"tracking": p.tracking.model_copy(update={"experiment": experiment})}
-        )
-    rows = compare_rows(p, by)
-    if not rows:
-        raise UserError(
-            f"no pretrain runs in experiment {p.tracking.experiment!r} (run `dvc repro`)"
-        )
+    rows = compare_rows(load_params(params), by, experiment)
     plot_rows(rows, out)
     if as_json:
         nan_free = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]

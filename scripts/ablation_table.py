@@ -102,6 +102,9 @@ def main() -> None:
             rows = [r for r in rows if r["mask_ratio"] == 0.75]
         tables[key] = rows
         (out / f"table-{key.split('.')[-1]}.md").write_text(_markdown(key, rows))
+    previous = out / "ablations.json"  # what was said of the runs by hand stays
+    kept = json.loads(previous.read_text()) if previous.is_file() else {}
+    sweeps = out / "sweeps.jsonl"
     meta = {
         "command": "scripts/ablation_sweeps.sh results/ablations-2026-12-01; "
         f"python scripts/ablation_table.py {out} {experiment}",
@@ -110,6 +113,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, no GPU",
         "params": "params.yaml defaults, with the swept key (and SET) of each sweep",
         "experiment": experiment,
+        **{k: kept[k] for k in ("machine", "code_commit", "notes") if k in kept},
+        "sweeps": [json.loads(x) for x in sweeps.read_text().splitlines()]
+        if sweeps.exists()
+        else [],
         "tables": tables,
     }
     (out / "ablations.json").write_text(json.dumps(meta, indent=2) + "\n")

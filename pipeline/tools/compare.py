@@ -71,7 +71,7 @@ def _same_code(commits: list[str]) -> dict[str, str]:
     return canonical
 
 
-def compare_rows(p: Params, by: str | None = None) -> list[dict]:
+def compare_rows(p: Params, by: str | None = None, experiment: str | None = None) -> list[dict]:
     """One row per pretrain run and fine-tuning setting: its finetune, linprobe and scratch
     test top-1, gain and k-NN, each read from the run that produced it (a finetune child,
     the scratch run of the same `finetune.*` params, the newest linprobe child), whose
@@ -79,8 +79,14 @@ def compare_rows(p: Params, by: str | None = None) -> list[dict]:
     params is a row of its own. `by`: the key compared (the row's `value`); default: the
     mask ratio, or the one key that varies when the mask ratio does not. `series` groups
     the rows that share every other setting, `differs` says what sets each series apart.
-    UserError for a `by` that no run has."""
-    pairs = _pairs(tracking.connect(p.tracking, create=False))  # a typo makes none
+    `experiment`: another MLflow experiment than `tracking.experiment` (a sweep's own).
+    UserError for an experiment that does not exist or has no pretrain run, and for a
+    `by` that no run has."""
+    name = experiment or p.tracking.experiment
+    store = p.tracking.model_copy(update={"experiment": name})
+    pairs = _pairs(tracking.connect(store, create=False))  # a typo makes no experiment
+    if not pairs:
+        raise UserError(f"no pretrain runs in experiment {name!r} (run `dvc repro`)")
     settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
     code = _same_code([s["git.commit"] for s in settings])
     for s in settings:
