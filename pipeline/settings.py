@@ -72,10 +72,14 @@ def changed(now: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_name(head: str, changes: dict[str, Any], own: str) -> str:
-    """`head` and the changes, each `key=value`, those of section `own` first and without
+def run_name(head: str, now: dict[str, Any], own: str) -> str:
+    """`head` (which says the mask ratio) and each key of `now` ({"section.key": value}, a
+    run's params) that `changed`, as `key=value`, those of section `own` first and without
     its name: `run_name("finetune mask=0.75", {"model.decoder_depth": 1, "finetune.epochs":
-    3}, "finetune")` -> "finetune mask=0.75 epochs=3 model.decoder_depth=1"."""
+    3}, "finetune")` -> "finetune mask=0.75 epochs=3 model.decoder_depth=1" (when both
+    changed)."""
+    changes = changed(now)
+    changes.pop("pretrain.mask_ratio", None)  # the head says it
     mine = {k.removeprefix(f"{own}."): v for k, v in changes.items() if k.startswith(f"{own}.")}
     others = {k: v for k, v in changes.items() if not k.startswith(f"{own}.")}
     shown = (f"{k}={'null' if v is None else v}" for k, v in (mine | others).items())

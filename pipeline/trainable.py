@@ -15,8 +15,15 @@ if TYPE_CHECKING:
 
 def check_trainable(p: Params) -> None:
     """Raise ParamsError for the first combination of `p` that cannot train."""
-    checks = (_mask_ratio, _mask_type, _decoder, _trainable_blocks, _mixup_batch, _probe_batch)
-    for check in (*checks, _knn_k):
+    for check in (
+        _mask_ratio,
+        _mask_type,
+        _decoder,
+        _trainable_blocks,
+        _mixup_batch,
+        _probe_batch,
+        _knn_k,
+    ):
         problem = check(p)
         if problem is not None:
             raise ParamsError(*problem)
@@ -57,17 +64,14 @@ def _mask_type(p: Params) -> tuple[str, str] | None:
 
 
 def _decoder(p: Params) -> tuple[str, str] | None:
-    """The decoder's width splits over the preset's decoder heads."""
+    """The preset with `model.decoder_*` must be a model `MAEConfig` accepts (the width
+    splits over the preset's decoder heads and into the sin-cos embedding's quarters)."""
     from mae.config import mae_config
 
-    heads = mae_config(p.model.name).decoder_num_heads
-    width = p.model.decoder_embed_dim
-    if width is not None and width % heads:
-        return (
-            "model.decoder_embed_dim",
-            f"{width} does not split over the {heads} decoder heads of model {p.model.name}: "
-            f"use a multiple of {heads}",
-        )
+    try:
+        mae_config(p.model.name, **p.model.overrides())
+    except ValueError as err:  # decoder_depth is a positive count already: the width
+        return "model.decoder_embed_dim", f"{err} (model {p.model.name})"
     return None
 
 

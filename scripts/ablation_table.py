@@ -93,11 +93,12 @@ def _markdown(key: str, rows: list[dict]) -> str:
 def main() -> None:
     out, experiment = Path(sys.argv[1]), sys.argv[2]
     p = load_params("params.yaml")
-    p = p.model_copy(update={"tracking": p.tracking.model_copy(update={"experiment": experiment})})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     tables = {}
     for key in KEYS:
-        rows = [_row(key, r) for r in compare_rows(p, by=key) if _default_elsewhere(key, r)]
+        rows = [
+            _row(key, r) for r in compare_rows(p, key, experiment) if _default_elsewhere(key, r)
+        ]
         if key != "pretrain.mask_type":  # the default mask ratio
             rows = [r for r in rows if r["mask_ratio"] == 0.75]
         tables[key] = rows

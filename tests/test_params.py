@@ -209,7 +209,15 @@ def test_every_yaml_1_1_or_1_2_number_loads_as_a_number_and_a_quoted_one_does_no
             "(model mae_vit_s_patch4_28)",
         ),
         ({"finetune": {"trainable_blocks": 5}}, "finetune.trainable_blocks: 5, but model"),
-        ({"model": {"decoder_embed_dim": 50}}, "model.decoder_embed_dim: 50 does not split"),
+        (
+            {"model": {"decoder_embed_dim": 50}},
+            "model.decoder_embed_dim: decoder_embed_dim 50 is not divisible by "
+            "decoder_num_heads 4 (model mae_vit_tiny_patch7_28)",
+        ),
+        (
+            {"model": {"name": "mae_vit_test", "decoder_embed_dim": 6}},
+            "model.decoder_embed_dim: decoder_embed_dim must be divisible by 4, got 6",
+        ),
     ],
 )
 def test_values_that_cannot_train_together_are_refused_naming_the_key(raw, message):

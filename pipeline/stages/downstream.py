@@ -80,10 +80,8 @@ class Downstream(Stage):
         now = {**flatten(p.data, "data."), "model.name": p.model.name}
         if ratio is not None:  # from a pretrain run: what it ran with (scratch: the encoder)
             now |= flatten(p.model, "model.") | flatten(p.pretrain, "pretrain.")
-        changes = settings.changed(now | flatten(self.section, f"{own}."))
-        changes.pop("pretrain.mask_ratio", None)
         head = f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} (random init)"
-        return settings.run_name(head, changes, own)
+        return settings.run_name(head, now | flatten(self.section, f"{own}."), own)
 
     def run_params(self) -> dict:
         return {

@@ -80,11 +80,9 @@ class Pretrainer(Stage):
     def run_name(self) -> str:
         """`pretrain mask=<ratio>` and what else differs from the committed params.yaml."""
         p = self.p
-        now = {**flatten(p.data, "data."), **flatten(p.model, "model.")}
+        now = flatten(p.data, "data.") | flatten(p.model, "model.")
         now |= flatten(self.section, "pretrain.")
-        changes = settings.changed(now)
-        changes.pop("pretrain.mask_ratio", None)
-        return settings.run_name(f"{STAGE} mask={self.section.mask_ratio}", changes, STAGE)
+        return settings.run_name(f"{STAGE} mask={self.section.mask_ratio}", now, STAGE)
 
     def run_params(self) -> dict:
         cfg = self.model.cfg
