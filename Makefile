@@ -69,11 +69,17 @@ compare: ## Mask ratio vs downstream accuracy across tracked runs (plots/compare
 ui: ## The MLflow UI for this project's store on http://127.0.0.1:5000
 	$(BIN)/mae-cli ui
 
-test: setup ## Set up, then run the test suite (all but GPU tests)
-	$(BIN)/python -m pytest -m "not gpu"
+# The tests run on every core (pytest-xdist), a test file per worker at a time (its
+# module fixtures are built once), the files with slow tests first (tests/conftest.py).
+# WORKERS=0 runs them in this process, one after another.
+WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest --numprocesses $(WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: setup ## Set up, then run the test suite (all but GPU tests) on every core
+	$(PYTEST) -m "not gpu"
 
 test-fast: ## Run the tests without the slow ones (no set-up)
-	$(BIN)/python -m pytest -m "not gpu and not slow"
+	$(PYTEST) -m "not gpu and not slow"
 
 test-gpu: setup ## Run the tests that need CUDA (bf16, compile, NCCL)
 	$(BIN)/python -m pytest -m gpu

@@ -1,5 +1,9 @@
-"""Fixtures every test module may use: the tiny project, CUDA skips, seeds, no shared store."""
+"""Fixtures every test module may use: the tiny project, CUDA skips, seeds, no shared store;
+under pytest-xdist, one thread per worker and the long test files first."""
 
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -7,8 +11,19 @@ import torch
 
 from tests.factory import build_project
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the cores: one thread each, here and in the commands a test starts
+    # (mae-cli, dvc, the ranks of a launch), instead of every worker's torch taking them all.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `--dist loadfile --no-loadscope-reorder` hands out the files in this order: the
+        # files with a slow test first, so that the short ones fill in around them at the end.
+        slow_files = {item.path for item in items if "slow" in item.keywords}
+        items.sort(key=lambda item: item.path not in slow_files)  # stable: same order within
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -36,3 +51,22 @@ def project(tmp_path, monkeypatch) -> Path:
     build_project(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def mae_cli_main(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """`mae-cli ARGS` through the console script's entry point, `pipeline.cli.main`, in this
+    process and the working directory: what a user sees, without the ~5 s a fresh interpreter
+    spends importing torch (the console script itself: tests/test_cli.py);
+    -> a function of the arguments giving (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["mae-cli", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:  # click ends every command with one
+            main()
+        said = capsys.readouterr()
+        return done.value.code or 0, said.out, said.err
+
+    return run

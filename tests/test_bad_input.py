@@ -9,7 +9,6 @@ import gzip
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +88,8 @@ CASES = [
      ["pretrain"], 1, "manifest.json: not a manifest the shard stage wrote"),
     ("manifest lacks a key", lambda f: _manifest_without(f, "mean"), ["pretrain"], 1,
      "not a manifest the shard stage wrote (no 'mean')"),
+    ("no pretrained model", lambda f: shutil.rmtree(f / "models/pretrain"), ["finetune"], 1,
+     "no pretrained model: models/pretrain/config.json is missing (run `dvc repro pretrain`)"),
     ("model config not JSON", lambda f: (f / "models/pretrain/config.json").write_text("{"),
      ["finetune"], 1, "models/pretrain: not a model this pipeline wrote"),
     ("garbage weights", lambda f: (f / "models/pretrain/model.safetensors").write_bytes(b"x" * 99),
@@ -110,22 +111,16 @@ CASES = [
     ("mutate", "args", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
 def test_bad_input_is_one_line_a_non_zero_exit_and_nothing_lost(
-    base, tmp_path, mutate, args, code, message, monkeypatch, capsys
+    base, tmp_path, mutate, args, code, message, monkeypatch, mae_cli_main
 ):
-    from pipeline.cli import main
-
     folder = tmp_path / "p"
     shutil.copytree(base, folder)
     mutate(folder)
     before = _outputs(folder)
     monkeypatch.chdir(folder)
-    monkeypatch.setattr(sys, "argv", ["mae-cli", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:  # an exception of any other kind fails here
-        main()
-    stderr = capsys.readouterr().err
+    exit_code, _, stderr = mae_cli_main(*args)
     error = [line for line in stderr.splitlines() if "rror" in line]
-    assert done.value.code == code, stderr
+    assert exit_code == code, stderr
     assert "Traceback" not in stderr, stderr
     assert len(error) == 1 and message in error[0], stderr
     assert _outputs(folder) == before  # the previous outputs, byte for byte

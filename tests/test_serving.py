@@ -175,13 +175,7 @@ def test_mlflow_models_serve_answers_as_mae_cli_evaluate(project):
         assert got["probabilities"] == pytest.approx([float(row[c]) for c in CLASSES], abs=1e-6)
 
 
-def _predict(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [MAE_CLI, "predict", *args], capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def test_predict_classifies_images_of_any_size_and_mode(project, tmp_path):
+def test_predict_classifies_images_of_any_size_and_mode(project, tmp_path, mae_cli_main):
     _, run_id = project
     key, png = _test_images(1)[0]
     (tmp_path / "shots").mkdir()
@@ -190,9 +184,11 @@ def test_predict_classifies_images_of_any_size_and_mode(project, tmp_path):
     rgba = Image.new("RGBA", (25, 31), (200, 10, 10, 128))
     rgba.save(tmp_path / "shots/alpha.png")
     (tmp_path / "shots/notes.txt").write_text("not an image, not a candidate")
-    out = _predict(["--run-id", run_id, "--top-k", "2", "--json", str(tmp_path / "shots")])
-    assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)
+    code, out, err = mae_cli_main(
+        "predict", "--run-id", run_id, "--top-k", "2", "--json", str(tmp_path / "shots")
+    )
+    assert code == 0, err
+    rows = json.loads(out)
     assert [Path(r["path"]).name for r in rows] == ["alpha.png", "photo.jpg", "test.png"]
     assert all(
         len(r["top"]) == 2 and r["top"][0]["probability"] >= r["top"][1]["probability"]
@@ -203,14 +199,14 @@ def test_predict_classifies_images_of_any_size_and_mode(project, tmp_path):
     assert rows[2]["top"][0]["class"] == CLASSES[max(range(4), key=probs.__getitem__)]
     assert rows[2]["top"][0]["probability"] == pytest.approx(max(probs), abs=1e-6)
 
-    lines = _predict(["--run-id", run_id, str(tmp_path / "shots/test.png")]).stdout.splitlines()
-    assert lines == [
+    _, out, _ = mae_cli_main("predict", "--run-id", run_id, str(tmp_path / "shots/test.png"))
+    assert out.splitlines() == [
         f"{tmp_path / 'shots/test.png'}  {rows[2]['top'][0]['class']} "
         f"{rows[2]['top'][0]['probability']:.4f}"
     ]
 
 
-def test_predict_mistakes_are_one_line(project, tmp_path):
+def test_predict_mistakes_are_one_line(project, tmp_path, mae_cli_main):
     folder, run_id = project
     pretrain_id = (folder / "models/pretrain/run_id").read_text().strip()
     (tmp_path / "notes.png").write_text("hello")
@@ -226,10 +222,10 @@ def test_predict_mistakes_are_one_line(project, tmp_path):
         (["--model-uri", "models:/nothing@champion", good], "cannot load the model"),
     ]
     for args, message in cases:
-        out = _predict(args)
-        assert out.returncode == 1, (args, out.stdout)
-        assert out.stderr.strip().splitlines()[-1].startswith("mae-cli: error: "), out.stderr
-        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        code, out, err = mae_cli_main("predict", *args)
+        assert code == 1, (args, out)
+        assert err.strip().splitlines()[-1].startswith("mae-cli: error: "), err
+        assert message in err and "Traceback" not in err, err
 
 
 def test_register_points_champion_at_the_best_test_top1(project, tmp_path):
@@ -254,5 +250,8 @@ def test_register_points_champion_at_the_best_test_top1(project, tmp_path):
 
     image = tmp_path / "one.png"
     image.write_bytes(_test_images(1)[0][1])
-    out = _predict(["--model-uri", "models:/bands@champion", str(image)])
+    out = subprocess.run(  # the console script, as a user runs it
+        [MAE_CLI, "predict", "--model-uri", "models:/bands@champion", str(image)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
     assert out.returncode == 0 and out.stdout.split()[1] in CLASSES, out.stderr

@@ -22,16 +22,18 @@ from tests.factory import free_port, project_params, wait_for_http
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def ui(tmp_path):
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
     """`mae-cli ui` on a store holding an experiment with one run; -> (the printed runs
-    address, the experiment id, the params); stopped afterwards."""
+    address, the experiment id, the params); stopped after the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("ui")
     params = project_params({"tracking": {"experiment": "ui", "uri": f"sqlite:///{tmp_path}/m.db"}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    mlflow.set_tracking_uri(params["tracking"]["uri"])
-    experiment_id = mlflow.create_experiment("ui", (tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=experiment_id, run_name="pretrain mask=0.75"):
-        mlflow.log_metric("finetune/test_top1", 0.84)
+    client = mlflow.MlflowClient(params["tracking"]["uri"])
+    experiment_id = client.create_experiment("ui", (tmp_path / "art").as_uri())
+    run = client.create_run(experiment_id, run_name="pretrain mask=0.75")
+    client.log_metric(run.info.run_id, "finetune/test_top1", 0.84)
+    client.set_terminated(run.info.run_id)
     port = free_port()
     cli = Path(sys.executable).with_name("mae-cli")
     proc = subprocess.Popen(
