@@ -69,11 +69,13 @@ compare: ## Mask ratio vs downstream accuracy across tracked runs (plots/compare
 ui: ## The MLflow UI for this project's store on http://127.0.0.1:5000
 	$(BIN)/mae-cli ui
 
-# The tests run on every core (pytest-xdist), a test file per worker at a time (its
-# module fixtures are built once), the files with slow tests first (tests/conftest.py).
+# The tests run on every core (pytest-xdist), at most 4 workers (each a Python holding torch
+# and MLflow; beyond 4 the longest test, ~4 min, bounds the run), a test file per worker at a time
+# (its module fixtures are built once), the files with slow tests first (tests/conftest.py).
 # WORKERS=0 runs them in this process, one after another.
 WORKERS ?= auto
-PYTEST := $(BIN)/python -m pytest --numprocesses $(WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST := $(BIN)/python -m pytest --numprocesses $(WORKERS) --maxprocesses 4 \
+	--dist loadfile --no-loadscope-reorder
 
 test: setup ## Set up, then run the test suite (all but GPU tests) on every core
 	$(PYTEST) -m "not gpu"

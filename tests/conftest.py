@@ -12,10 +12,11 @@ import torch
 from tests.factory import build_project
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # The workers share the cores: one thread each, here and in the commands a test starts
-    # (mae-cli, dvc, the ranks of a launch), instead of every worker's torch taking them all.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    # The workers share the cores: their share of threads each, here and in the commands a
+    # test starts (mae-cli, dvc, the ranks of a launch), not every worker's torch taking all.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 def pytest_collection_modifyitems(config, items):
