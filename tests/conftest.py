@@ -1,5 +1,5 @@
 """Fixtures every test module may use: the tiny project, CUDA skips, seeds, no shared store;
-under pytest-xdist, one thread per worker and the long test files first."""
+under pytest-xdist, each worker its share of the threads and the long test files first."""
 
 import os
 import sys
