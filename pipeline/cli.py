@@ -207,21 +207,12 @@ def ui(
     import os
 
     from pipeline.params import load_params
-    from pipeline.tracking import connect, resolve_uri, runs_address
+    from pipeline.tracking import ui_command
 
-    p = load_params(params)
-    uri, experiment_id = resolve_uri(p.tracking), connect(p.tracking)  # made if missing
-    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{port}"
-    runs = runs_address(base, experiment_id)
-    typer.echo(f"experiment {p.tracking.experiment!r}, its training runs: {runs}")
-    charts = runs_address(base, experiment_id, stage="pretrain", charts=True)
-    typer.echo(f"the pretrain runs (one per mask ratio) side by side in charts: {charts}")
-    mlflow = Path(sys.executable).with_name("mlflow")
-    os.execv(
-        str(mlflow),
-        [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-    )
+    lines, command = ui_command(load_params(params), port)
+    for line in lines:
+        typer.echo(line)
+    os.execv(command[0], command)
 
 
 @app.command()

@@ -126,3 +126,19 @@ def test_unreachable_store_is_a_user_error(project, tmp_path):
     bad.write_text(yaml.safe_dump(project_params(params)))
     with pytest.raises(UserError, match="cannot reach the MLflow tracking store at http"):
         evaluate_run(load_params(bad), "0123456789abcdef")
+
+
+def test_a_port_in_use_is_named_with_a_free_one_to_take():
+    import socket
+
+    from pipeline.tracking.ui import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use") as said:
+            check_port(port)
+        spare = int(str(said.value).rsplit("--port ", 1)[1])
+        assert port < spare < port + 100
+        check_port(spare)  # free: no error

@@ -68,6 +68,21 @@ def test_ui_prints_the_address_of_the_experiments_training_runs(ui):
         assert page.status == 200 and b"<html" in page.read().lower()
 
 
+def test_a_second_ui_on_a_port_in_use_fails_in_one_line_and_prints_no_address(ui):
+    """`mlflow ui` alone logs "Address already in use" and exits 0, after mae-cli had
+    printed addresses where the other server answers."""
+    address, _, params = ui
+    port = int(address.split(":")[2].split("/")[0])
+    folder = Path(params["tracking"]["uri"].removeprefix("sqlite:///")).parent
+    cli = Path(sys.executable).with_name("mae-cli")
+    done = subprocess.run([str(cli), "ui", "--port", str(port)], cwd=folder,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == "", done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"mae-cli: error: port {port} on 127.0.0.1 is in use"), line
+    assert "--port" in line and "Traceback" not in done.stderr
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_a_browser_at_the_printed_address_sees_the_runs_table(ui, tmp_path):
     address, _, _ = ui

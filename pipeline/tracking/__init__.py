@@ -7,6 +7,7 @@
 - `models`: the classifier as an MLflow model, and the model registry.
 - `queries`: finding runs that exist (by id, by stage, children of a run) and the names
   their metrics take.
+- `ui`: `mae-cli ui`, the MLflow UI on a free port and the addresses of its pages.
 
 Callers import this package (`from pipeline import tracking`) and use the names below.
 """
@@ -24,10 +25,10 @@ from pipeline.tracking.queries import (
     class_keys,
     get_run,
     metric_name,
-    runs_address,
     stage_runs,
 )
 from pipeline.tracking.store import SCRATCH_TAG, connect, resolve_uri, start_run
+from pipeline.tracking.ui import runs_address, ui_command
 
 __all__ = [
     "CHAMPION",
@@ -48,4 +49,5 @@ __all__ = [
     "runs_address",
     "stage_runs",
     "start_run",
+    "ui_command",
 ]

@@ -52,15 +52,3 @@ def class_keys(classes: list[str]) -> list[str]:
     become `0_cat _wild_` and `1_cat _wild_`."""
     width = len(str(max(len(classes) - 1, 0)))
     return [f"{i:0{width}d}_{metric_name(c)[:100]}" for i, c in enumerate(classes)]
-
-
-def runs_address(base: str, experiment_id: str, stage: str | None = None, charts=False) -> str:
-    """The MLflow UI's page of an experiment's training runs (its table, or its chart view,
-    of the runs of one `stage`). MLflow 3's UI opens an experiment on a GenAI "Overview" of
-    traces (seen in Chromium with MLflow 3.17, whatever the experiment's tags)."""
-    from urllib.parse import quote, urlencode
-
-    query = {"compareRunsMode": "CHART"} if charts else {}
-    query |= {"searchFilter": f"tags.stage = '{stage}'"} if stage else {}
-    address = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return f"{address}?{urlencode(query, quote_via=quote)}" if query else address
