@@ -142,3 +142,67 @@ def test_a_port_in_use_is_named_with_a_free_one_to_take():
         spare = int(str(said.value).rsplit("--port ", 1)[1])
         assert port < spare < port + 100
         check_port(spare)  # free: no error
+
+
+def test_what_the_ui_deleted_is_named_with_the_command_that_restores_it(tmp_path, monkeypatch):
+    """Runs and experiments a user deleted (MLflow's trash) that the pipeline would log to:
+    one line naming each and its restore command, before any work; restored, all goes on."""
+    from pipeline.tracking import connect
+
+    tiny = {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}
+    build_project(tmp_path, stages=("shard", "pretrain", "finetune"), pretrain={"epochs": 1},
+                  finetune=tiny)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    p = load_params("params.yaml")
+    client = mlflow.MlflowClient(p.tracking.uri)
+    pre, tuned = (Path(f"models/{s}/run_id").read_text().strip() for s in ("pretrain", "finetune"))
+
+    client.delete_run(pre)
+    said = f"the finetune run's parent pretrain run {pre} is deleted in the MLflow store at "
+    restore = f"mlflow runs restore --run-id {pre}`\\) or run its stage again"
+    with pytest.raises(UserError, match=f"^{said}.*{restore}$"):
+        evaluate_run(p, tuned)
+    assert "test/top1" not in client.get_run(tuned).data.metrics  # nothing logged
+    with pytest.raises(UserError, match=said):
+        run_training("finetune", p)
+    runs = client.search_runs([client.get_run(tuned).info.experiment_id], "tags.stage = 'finetune'")
+    assert [r.info.run_id for r in runs] == [tuned]  # no run started
+
+    client.restore_run(pre)
+    client.delete_run(tuned)
+    with pytest.raises(UserError, match=f"^the finetune run {tuned} is deleted"):
+        evaluate_run(p, tuned)
+    client.restore_run(tuned)
+    assert 0 <= evaluate_run(p, tuned)[0]["top1"] <= 1
+    assert "test/top1" in client.get_run(tuned).data.metrics
+
+    experiment = client.get_run(tuned).info.experiment_id
+    client.delete_experiment(experiment)
+    with pytest.raises(UserError, match=f"mlflow experiments restore --experiment-id {experiment}"):
+        connect(p.tracking)
+
+
+def test_a_run_deleted_while_its_stage_runs_fails_at_the_end_at_once_or_gets_all_if_restored(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(buffered, "FLUSH_S", 45.0)  # a deleted run must not wait for it
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("x", (tmp_path / "art").as_uri())
+    for restored in (True, False):
+        run_id = client.create_run(experiment).info.run_id
+        run = buffered.Run(run_id, keep=True)
+        run.log_metrics({"loss": 1.0}, step=1)
+        client.delete_run(run_id)  # in the UI, while training goes on
+        run.log_metrics({"loss": 0.5}, step=2)  # kept, not lost
+        if restored:
+            client.restore_run(run_id)
+            run.close()
+            history = client.get_metric_history(run_id, "loss")
+            assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
+            continue
+        start = time.monotonic()
+        with pytest.raises(UserError, match=f"^run {run_id} was deleted in the MLflow store"):
+            run.close()
+        assert time.monotonic() - start < 30

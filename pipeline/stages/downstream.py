@@ -68,7 +68,7 @@ class Downstream(Stage):
         if self.pre.run_id is None:
             model = {f"model.{k}": v for k, v in self.pre.cfg.to_dict().items()}
             return {"model.name": self.p.model.name, **model}
-        parent = tracking.get_run(self.pre.run_id)
+        parent = tracking.active_run(self.pre.run_id, f"the {self.name} run's parent pretrain")
         prefixes = ("pretrain.", "model.", "data.")
         return {k: v for k, v in parent.data.params.items() if k.startswith(prefixes)}
 

@@ -45,13 +45,25 @@ def evaluate_run(
         if control:
             runs.append(tracking.get_run(control))
         log.info("run %s is a pretrain run: evaluating %d run(s)", run_id, len(runs))
+        _check_active(runs)
         return with_gain([_evaluate_one(p, r, None, per_image) for r in runs])
     if stage not in CLASSIFIER_STAGES:
         raise UserError(
             f"run {run_id} is a {stage or 'untagged'} run; give a "
             f"{', '.join(CLASSIFIER_STAGES)} or pretrain run"
         )
+    _check_active([run])
     return [_evaluate_one(p, run, folder, per_image)]
+
+
+def _check_active(runs: list) -> None:
+    """The runs the results go to and their parent pretrain runs are in the store and not
+    deleted (MLflow refuses to log to a deleted run): checked before any work."""
+    for run in runs:
+        stage = run.data.tags.get("stage")
+        tracking.active_run(run.info.run_id, f"the {stage}")
+        if parent := run.data.tags.get("mlflow.parentRunId"):
+            tracking.active_run(parent, f"the {stage} run's parent pretrain")
 
 
 def _child_step(run, parent: str) -> int:

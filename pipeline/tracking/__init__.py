@@ -21,6 +21,7 @@ from pipeline.tracking.models import (
     register_champion,
 )
 from pipeline.tracking.queries import (
+    active_run,
     child_runs,
     class_keys,
     get_run,
@@ -37,6 +38,7 @@ __all__ = [
     "NullRun",
     "Run",
     "SystemMetrics",
+    "active_run",
     "child_runs",
     "class_keys",
     "connect",

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError, first_line
 from pipeline.tracking.models import log_classifier
+from pipeline.tracking.queries import restore_command
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,15 @@ class Run:
                     self._flush()
             except Exception as err:
                 self._went_down(err)
+                kinds = sorted({what for what, _, _ in self.pending})
+                if _deleted(self.id):  # not an outage: waiting will not help
+                    raise UserError(
+                        f"run {self.id} was deleted in the MLflow store while the stage ran: "
+                        f"{len(self.pending)} logging call(s) ({', '.join(kinds)}) were not "
+                        f"sent; the stage's outputs are written; {restore_command(self.id)} "
+                        "brings back what it logged before"
+                    ) from None
                 if time.monotonic() > deadline:
-                    kinds = sorted({what for what, _, _ in self.pending})
                     raise UserError(
                         f"the MLflow store stopped answering ({self.error}): "
                         f"{len(self.pending)} logging call(s) of run {self.id} "
@@ -209,6 +217,15 @@ class NullRun:
         if not hasattr(Run, name):
             raise AttributeError(name)
         return lambda *args, **kwargs: None
+
+
+def _deleted(run_id: str) -> bool:
+    """The store answers, at once, that the run is deleted (False if it does not answer)."""
+    try:
+        with fail_fast(timeout=5):
+            return mlflow.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:
+        return False
 
 
 def _param_value(v: Any) -> str:

@@ -14,12 +14,12 @@ def search(experiment_id: str, filter_string: str) -> list:
     )
 
 
-def run_exists(run_id: str) -> bool:
+def run_is_active(run_id: str) -> bool:
+    """The store has the run and it is not deleted (in MLflow's trash)."""
     try:
-        mlflow.get_run(run_id)
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
-    return True
 
 
 def get_run(run_id: str):
@@ -28,6 +28,26 @@ def get_run(run_id: str):
         return mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise UserError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None
+
+
+def active_run(run_id: str, role: str):
+    """The run, to be logged to; UserError naming it (`role`: what it is to the caller, e.g.
+    "the finetune run's parent pretrain") if the store lacks it or it is deleted: MLflow
+    refuses to log to a deleted run, and the UI's delete keeps it in a trash for restoring."""
+    run = get_run(run_id)
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(
+            f"{role} run {run_id} is deleted in the MLflow store at {mlflow.get_tracking_uri()}:"
+            f" restore it ({restore_command(run_id)}) or run its stage again"
+        )
+    return run
+
+
+def restore_command(run_id: str) -> str:
+    """The command that takes a deleted run out of MLflow's trash, for this store."""
+    return (
+        f"`MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()} mlflow runs restore --run-id {run_id}`"
+    )
 
 
 def child_runs(run, stages: tuple[str, ...]) -> list:

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import UserError, first_line
 from pipeline.params import TrackingParams, project_root
 from pipeline.tracking.buffered import NullRun, Run, fail_fast
-from pipeline.tracking.queries import run_exists, search
+from pipeline.tracking.queries import run_is_active, search
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ def connect(p: TrackingParams, create: bool = True) -> str:
             raise UserError(
                 f"cannot reach the MLflow tracking store at {uri}: {first_line(err)}"
             ) from None
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise UserError(
+                f"MLflow experiment {p.experiment!r} is deleted in {uri}: restore it "
+                f"(`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+                f"{experiment.experiment_id}`) or set tracking.experiment to another name"
+            )
         if experiment is None and not create:
             raise UserError(f"no MLflow experiment {p.experiment!r} in {uri} (no stage ran in it)")
         if experiment is None:
@@ -148,8 +154,10 @@ def start_run(
     if not enabled:
         yield NullRun()
         return
-    if run_id is not None and not run_exists(run_id):
-        log.warning("run %s of the checkpoint is not in the store; starting a new run", run_id)
+    if run_id is not None and not run_is_active(run_id):
+        log.warning(
+            "run %s of the checkpoint is not in the store, or deleted: starting a new run", run_id
+        )
         run_id = None
     if run_id is None and key is not None and experiment_id is not None:
         _end_stale_runs(experiment_id, stage, key)
