@@ -176,6 +176,10 @@ def test_what_the_ui_deleted_is_named_with_the_command_that_restores_it(tmp_path
     assert 0 <= evaluate_run(p, tuned)[0]["top1"] <= 1
     assert "test/top1" in client.get_run(tuned).data.metrics
 
+    client.set_tag(tuned, "mlflow.parentRunId", "0" * 32)  # as after `mlflow gc`
+    with pytest.raises(UserError, match=f"parent pretrain run {'0' * 32} is not in the MLflow"):
+        evaluate_run(p, tuned)
+
     experiment = client.get_run(tuned).info.experiment_id
     client.delete_experiment(experiment)
     with pytest.raises(UserError, match=f"mlflow experiments restore --experiment-id {experiment}"):

@@ -33,8 +33,15 @@ def get_run(run_id: str):
 def active_run(run_id: str, role: str):
     """The run, to be logged to; UserError naming it (`role`: what it is to the caller, e.g.
     "the finetune run's parent pretrain") if the store lacks it or it is deleted: MLflow
-    refuses to log to a deleted run, and the UI's delete keeps it in a trash for restoring."""
-    run = get_run(run_id)
+    refuses to log to a deleted run, and the UI's delete keeps it in a trash for restoring
+    (until `mlflow gc`)."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(
+            f"{role} run {run_id} is not in the MLflow store at {mlflow.get_tracking_uri()} "
+            "(deleted for good by `mlflow gc`, or another store): run its stage again"
+        ) from None
     if run.info.lifecycle_stage == "deleted":
         raise UserError(
             f"{role} run {run_id} is deleted in the MLflow store at {mlflow.get_tracking_uri()}:"
