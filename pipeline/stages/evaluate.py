@@ -61,7 +61,7 @@ def _check_active(runs: list) -> None:
     deleted (MLflow refuses to log to a deleted run): checked before any work."""
     for run in runs:
         stage = run.data.tags.get("stage")
-        tracking.active_run(run.info.run_id, f"the {stage}")
+        tracking.check_active(run, f"the {stage}")  # fetched already
         if parent := run.data.tags.get("mlflow.parentRunId"):
             tracking.active_run(parent, f"the {stage} run's parent pretrain")
 

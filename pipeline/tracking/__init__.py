@@ -22,6 +22,7 @@ from pipeline.tracking.models import (
 )
 from pipeline.tracking.queries import (
     active_run,
+    check_active,
     child_runs,
     class_keys,
     get_run,
@@ -39,6 +40,7 @@ __all__ = [
     "Run",
     "SystemMetrics",
     "active_run",
+    "check_active",
     "child_runs",
     "class_keys",
     "connect",

@@ -42,10 +42,17 @@ def active_run(run_id: str, role: str):
             f"{role} run {run_id} is not in the MLflow store at {mlflow.get_tracking_uri()} "
             "(deleted for good by `mlflow gc`, or another store): run its stage again"
         ) from None
+    return check_active(run, role)
+
+
+def check_active(run, role: str):
+    """`run` (an MLflow run already fetched) if it is not deleted; else UserError naming it
+    and the command that restores it."""
     if run.info.lifecycle_stage == "deleted":
         raise UserError(
-            f"{role} run {run_id} is deleted in the MLflow store at {mlflow.get_tracking_uri()}:"
-            f" restore it ({restore_command(run_id)}) or run its stage again"
+            f"{role} run {run.info.run_id} is deleted in the MLflow store at "
+            f"{mlflow.get_tracking_uri()}: restore it ({restore_command(run.info.run_id)}) "
+            "or run its stage again"
         )
     return run
 
