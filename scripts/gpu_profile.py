@@ -35,15 +35,19 @@ from mae.model import MaskedAutoencoderViT  # noqa: E402
 from mae.optim import build_adamw, pretrain_param_groups  # noqa: E402
 from pipeline.tools.bench import bf16_peak_tflops  # noqa: E402
 
-# Kernel kinds by pieces of their names (CUDA kernels of cuBLAS, cuDNN, FlashAttention,
-# Inductor's Triton kernels, PyTorch's own); the first match wins.
+# Kernel kinds by pieces of their names, the first match wins: cuDNN's SDPA kernels and
+# their pre/post passes, cuBLAS's GEMMs (nvjet on Hopper), the patch embedding's cuDNN
+# convolution and its layout transforms, Inductor's Triton kernels (named after what they
+# fuse: a `_to_copy` in one is a cast, not a copy), PyTorch's own kernels. The names were
+# read off an H200 profile (results/gpu-h200-2026-12-04/profile.json).
 KINDS = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "convert_dq", "compute_dot_do_o")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "_amp_", "unscale")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "mm_", "bmm")),
-    ("masking gather", ("gather", "index", "scatter", "sort", "argsort", "topk")),
-    ("copies", ("memcpy", "memset", "copy_", "cat", "fill")),
-    ("fused triton (norms, GELU, elementwise, loss)", ("triton",)),
+    ("patch-embed conv", ("convolve", "fprop", "wgrad", "dgrad", "nchwtonhwc", "nhwctonchw")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("fused triton (norms, GELU, casts, permutes, loss)", ("triton",)),
+    ("masking gather", ("gather", "index", "scatter", "sort", "topk")),
+    ("copies", ("memcpy", "memset", "copy", "cat", "fill")),
     ("norms", ("layer_norm", "layernorm")),
     ("reductions", ("reduce", "sum", "mean")),
 )
@@ -85,7 +89,8 @@ def main() -> int:
             _save(out, record)
             continue
         try:
-            run = measure(a.model, batch, precision, mode, dev, a.steps, prof, record["peak_tflops"])
+            peak = record["peak_tflops"]
+            run = measure(a.model, batch, precision, mode, dev, a.steps, prof, peak)
         except Exception as err:  # an OOM or a compile failure: recorded, the rest goes on
             run = {"batch": batch, "precision": precision, "compile": mode,
                    "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}  # fmt: skip
@@ -120,7 +125,8 @@ def measure(model_name, batch, precision, mode, dev, steps, prof, peak) -> dict:
     model = MaskedAutoencoderViT(cfg).to(dev)
     net = model if mode is None else torch.compile(model, mode=None if mode == "default" else mode)
     official = precision == "fp16"
-    opt = build_adamw(pretrain_param_groups(model, 0.05), lr=1e-4, fused=False if official else None)
+    groups = pretrain_param_groups(model, 0.05)
+    opt = build_adamw(groups, lr=1e-4, fused=False if official else None)
     scaler = torch.amp.GradScaler(dev.type, enabled=official)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     imgs = torch.randn(batch, cfg.in_chans, *cfg.image_hw, device=dev)
@@ -197,8 +203,10 @@ def profile(step, dev, step_s: float, n: int = 3) -> dict:
         "kernel_ms_per_step": round(busy / n / 1e3, 2),
         "gpu_idle_share": round(max(0.0, 1 - busy / 1e6 / wall), 4),
         "host_syncs_per_step": syncs / n,
-        "by_kind": {k: {"ms_per_step": round(v / n / 1e3, 3), "share": round(v / total, 4)}
-                    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},  # fmt: skip
+        "by_kind": {
+            k: {"ms_per_step": round(v / n / 1e3, 3), "share": round(v / total, 4)}
+            for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
+        },
         "kernels": [{"name": k[:160], "ms_per_step": round(v / n / 1e3, 3)} for k, v in top],
     }
 

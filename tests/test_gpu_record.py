@@ -71,3 +71,43 @@ def test_a_bad_setting_or_work_folder_stops_the_script_with_a_record_saying_why(
     code, said = record("--work", str(ROOT))
     assert code == 2 and said["error"].endswith("not a folder to empty")
     assert (ROOT / "params.yaml").is_file()
+
+
+def _profile_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "scripts/gpu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_sorts_kernels_read_off_an_h200_into_their_kinds():
+    kind = _profile_script()._kind
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void const*)": "attention",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT": "gemm",
+        "void precomputed_convolve_sgemm<__nv_bfloat16, 128, 6>": "patch-embed conv",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "patch-embed conv",
+        # Inductor names a kernel after what it fuses: `_to_copy` is a cast, not a copy
+        "triton_per_fused__to_copy_add_native_layer_norm_backward_view_12": "fused triton",
+        "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": (
+            "optimizer"
+        ),
+        "Memcpy HtoD (Pinned -> Device)": "copies",
+    }
+    for name, expected in names.items():
+        assert kind(name).startswith(expected), (name, kind(name))
+
+
+def test_the_profile_past_its_deadline_skips_each_measurement_and_says_so(tmp_path):
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "scripts/gpu_profile.py", str(out), "--model", "mae_vit_test",
+           "--batch", "4", "--minutes", "0", "--commit", "abc"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["runs"] == [] and record["commit"] == "abc"
+    assert len(record["skipped"]) == 2  # ours compiled and with CUDA graphs; no fp16 on a CPU
+    assert all("batch 4" in s for s in record["skipped"])
