@@ -11,12 +11,16 @@ from pipeline.tools.compare_report import format_rows, plot_rows
 from tests.factory import project_params
 
 
-def _pretrain_run(client, experiment, ratio, epochs, finetune, commit="c0ffee", **params):
+def _pretrain_run(
+    client, experiment, ratio, epochs, finetune, commit="c0ffee", code=None, **params
+):
     """A finished pretrain run with a finetune child of `finetune` test top-1 (2 epochs)
-    and a scratch control of those fine-tuning params at 0.8."""
-    run = client.create_run(
-        experiment, tags={"stage": "pretrain", "git.commit": commit, "data.manifest_digest": "d1"}
-    )
+    and a scratch control of those fine-tuning params at 0.8; `code`: the digest of
+    uncommitted code it ran (tag `git.dirty`)."""
+    tags = {"stage": "pretrain", "git.commit": commit, "data.manifest_digest": "d1"}
+    if code:
+        tags |= {"git.dirty": "true", "code.digest": code}
+    run = client.create_run(experiment, tags=tags)
     rid = run.info.run_id
     for k, v in {
         "pretrain.mask_ratio": ratio,
@@ -196,3 +200,26 @@ def test_partial_fine_tunes_of_one_pretrain_run_are_rows_beside_one_control(tmp_
         ("0", -0.08), ("1", 0.0), ("", 0.06)  # "": logged before the key existed
     ]  # fmt: skip
     assert len({r["scratch_run_id"] for r in rows}) == 1 and {r["series"] for r in rows} == {"A"}
+
+
+def test_runs_of_uncommitted_edits_on_one_commit_are_series_of_their_own(tmp_path):
+    """mlflow#1912: three runs tagged with one commit, two of them with uncommitted edits
+    (other edits each); the commit's code and each edit's code are separate series, named
+    as such. Two runs of the same edits share theirs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
+    clean = _pretrain_run(client, experiment, 0.75, 6, 0.85)
+    edit_a = _pretrain_run(client, experiment, 0.5, 6, 0.84, code="a" * 64)
+    edit_a2 = _pretrain_run(client, experiment, 0.75, 6, 0.83, code="a" * 64)
+    edit_b = _pretrain_run(client, experiment, 0.9, 6, 0.82, code="b" * 64)
+    rows = compare_rows(
+        parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    )
+    series = {r["run_id"]: r["series"] for r in rows}
+    assert series[edit_a] == series[edit_a2]
+    assert len({series[clean], series[edit_a], series[edit_b]}) == 3
+    code = {r["run_id"]: r["differs"]["git.commit"] for r in rows}
+    assert code[clean] == "c0ffee"
+    assert code[edit_a] == "c0ffee + uncommitted edits aaaaaaaaaaaa"
+    assert "git.dirty" not in rows[0]["differs"] and "code.digest" not in rows[0]["differs"]

@@ -19,6 +19,7 @@ from pipeline.params import load_params
 from pipeline.stages import run_training
 from pipeline.stages.evaluate import evaluate_run
 from pipeline.tracking import buffered
+from pipeline.tracking.code import code_root, committed_digest, running_digest
 from tests.factory import MAE_CLI, build_project, cmd_env, free_port, project_params, wait_for_http
 
 
@@ -84,6 +85,10 @@ def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_and_not_compa
     client = mlflow.MlflowClient()
     finished = client.get_run(first)
     key = finished.data.tags["checkpoint.key"]
+    # the code that ran, digested; no commit outside a git checkout, so no dirty flag
+    stages = Path("dvc.yaml")
+    assert finished.data.tags["code.digest"] == running_digest(code_root(), stages)
+    assert "git.commit" not in finished.data.tags and "git.dirty" not in finished.data.tags
     tags = {"stage": "pretrain", "checkpoint.key": key}
     dead = client.create_run(finished.info.experiment_id, tags=tags)  # as a SIGKILL leaves it
     client.log_param(dead.info.run_id, "pretrain.mask_ratio", "0.75")
@@ -210,3 +215,33 @@ def test_a_run_deleted_while_its_stage_runs_fails_at_the_end_at_once_or_gets_all
         with pytest.raises(UserError, match=f"^run {run_id} was deleted in the MLflow store"):
             run.close()
         assert time.monotonic() - start < 30
+
+
+def test_uncommitted_code_edits_differ_from_the_commit_and_docs_edits_do_not(tmp_path):
+    """mlflow#1912: a run of uncommitted edits read as HEAD's code. The code's digest (what
+    ran) against the commit's: an edited, a new untracked module or an edited dvc.yaml is
+    not the commit's code; an edited README is."""
+    repo = tmp_path / "repo"
+    files = {"mae/m.py": "a = 1\n", "pipeline/p.py": "b = 1\n", "dvc.yaml": "stages: {}\n",
+             "README.md": "r\n", "pipeline/data.csv": "1\n"}  # fmt: skip
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    committed = committed_digest(repo, "HEAD")
+    assert committed == running_digest(repo)
+    for path, text in (("README.md", "edited\n"), ("pipeline/data.csv", "2\n")):
+        (repo / path).write_text(text)
+        assert running_digest(repo) == committed, path  # not code
+    for path, text in (("pipeline/p.py", "b = 2\n"), ("pipeline/new.py", "c = 1\n"),
+                       ("dvc.yaml", "stages: {x: {cmd: x}}\n")):  # fmt: skip
+        before = (repo / path).read_text() if (repo / path).exists() else None
+        (repo / path).write_text(text)
+        assert running_digest(repo) != committed, path
+        (repo / path).unlink() if before is None else (repo / path).write_text(before)
+    assert running_digest(repo) == committed
+    assert committed_digest(repo, "0" * 40) is None  # a commit this clone lacks: unknown
+    assert committed_digest(tmp_path, "HEAD") is None  # not a checkout

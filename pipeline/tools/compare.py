@@ -5,8 +5,10 @@ numbers or names: a table, JSON and a PNG.
 
 Like is compared with like: runs that differ in anything but that key (epochs, model,
 recipe, data digest, code) fall into separate series, and the table names what differs
-between them. Two commits are the same code when git shows no change under `mae/` and
-`pipeline/` between them.
+between them. Two commits are the same code when git shows no change under `mae/`,
+`pipeline/` and in `dvc.yaml` between them; a run of uncommitted edits (tag `git.dirty`)
+is its commit plus those edits, a series of its own per code digest
+(`pipeline.tracking.code`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.params import Params, project_root
 from pipeline.settings import NOT_A_SETTING
+from pipeline.tracking.code import CODE_DIRS, STAGES_FILE
 
 COLUMNS = (
     "finetune/test_top1",
@@ -30,8 +33,9 @@ COLUMNS = (
 )
 HEADERS = ("finetune", "linprobe", "scratch", "gain", "k-NN", "loss")
 DEFAULT_BY = "pretrain.mask_ratio"
-TAGS = ("data.manifest_digest", "git.commit")
-CODE = ("mae", "pipeline")  # what a run computes with, besides its params and data
+TAGS = ("data.manifest_digest", "git.commit", "git.dirty", "code.digest")
+# what a run computes with, besides its params and data
+CODE = (*CODE_DIRS, STAGES_FILE)
 
 
 def _setting(run, finetune=None, linprobe=None) -> dict[str, str]:
@@ -71,6 +75,12 @@ def _same_code(commits: list[str]) -> dict[str, str]:
     return canonical
 
 
+def _code_label(commit: str, dirty: str, digest: str) -> str:
+    """The code a run ran, as compare shows it: its commit, or its commit plus uncommitted
+    edits named by their digest (runs of other edits on one commit are other code)."""
+    return f"{commit} + uncommitted edits {digest[:12]}" if dirty == "true" else commit
+
+
 def compare_rows(p: Params, by: str | None = None, experiment: str | None = None) -> list[dict]:
     """One row per pretrain run and fine-tuning setting: its finetune, linprobe and scratch
     test top-1, gain and k-NN, each read from the run that produced it (a finetune child,
@@ -90,7 +100,9 @@ def compare_rows(p: Params, by: str | None = None, experiment: str | None = None
     settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
     code = _same_code([s["git.commit"] for s in settings])
     for s in settings:
-        s["git.commit"] = code[s["git.commit"]]
+        s["git.commit"] = _code_label(
+            code[s["git.commit"]], s.pop("git.dirty"), s.pop("code.digest")
+        )
     keys = sorted({k for s in settings for k in s})
     varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
     by = _check_by(by, keys, varying) if by else _default_by(varying)

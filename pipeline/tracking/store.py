@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import UserError, first_line
 from pipeline.params import TrackingParams, project_root
 from pipeline.tracking.buffered import NullRun, Run, fail_fast
+from pipeline.tracking.code import code_tags
 from pipeline.tracking.queries import run_is_active, search
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,10 @@ def start_run(
     key: str | None = None,
 ):
     """Start a stage's run, or continue `run_id` (a checkpoint's) when the store still has
-    it; `run.resumed` says which. Tags: the stage, the manifest digest, the git commit and
-    `dvc.exp_name`. MLflow marks the run FAILED if the stage raises; a killed process leaves
-    it RUNNING, and the resumed stage continues it. While the store does not answer,
+    it; `run.resumed` says which. Tags: the stage, the manifest digest, the git commit, the
+    code's digest and whether it differs from the commit (`git.dirty`), `dvc.exp_name`.
+    MLflow marks the run FAILED if the stage raises; a killed process leaves it RUNNING,
+    and the resumed stage continues it. While the store does not answer,
     training goes on and logging is kept (see `Run`). `enabled=False` (ranks other than 0)
     gives a `NullRun`: one run per training run."""
     if not enabled:
@@ -161,15 +163,7 @@ def start_run(
         run_id = None
     if run_id is None and key is not None and experiment_id is not None:
         _end_stale_runs(experiment_id, stage, key)
-    tags = {
-        "stage": stage,
-        "data.manifest_digest": digest,
-        # a queued experiment runs its baseline's code, whatever HEAD is by then
-        "git.commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(project_root()),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        "mlflow.parentRunId": parent_id,
-        "checkpoint.key": key,  # the same params and data: a later start may resume it
-    }
+    tags = _run_tags(stage, digest, parent_id, key)
     active = _start(
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
     )
@@ -186,6 +180,22 @@ def start_run(
                 mlflow.end_run(status)
         except Exception as err:  # the store is down: the run stays RUNNING there
             log.warning("could not mark MLflow run %s %s: %s", run.id, status, err)
+
+
+def _run_tags(stage: str, digest: str, parent_id: str | None, key: str | None) -> dict:
+    """A stage run's tags: what it ran on (data digest, commit, and the code that ran:
+    `code.digest`, `git.dirty` when it is not the commit's, see `pipeline.tracking.code`)."""
+    # a queued experiment is tagged with its baseline, whatever HEAD is by then
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(project_root())
+    return {
+        "stage": stage,
+        "data.manifest_digest": digest,
+        "git.commit": commit,
+        **code_tags(commit, project_root() / "dvc.yaml"),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+        "mlflow.parentRunId": parent_id,
+        "checkpoint.key": key,  # the same params and data: a later start may resume it
+    }
 
 
 def _start(kwargs: dict):
