@@ -185,10 +185,18 @@ with warnings.catch_warnings():
 
 
 class PathsParams(Section):
-    models: str
+    models: str  # DVC's outputs: in the workspace DVC runs the stage in (cwd)
     metrics: str
     plots: str
-    checkpoints: str
+    checkpoints: str  # state outside DVC's outputs: see `checkpoints_dir`
+
+    def checkpoints_dir(self) -> Path:
+        """Where checkpoints live: `checkpoints` as given when absolute, else under the
+        project root (`project_root`), not the working directory: a queued or `--temp`
+        DVC experiment runs in a copy that DVC deletes when the run fails or is stopped
+        (treeverse/dvc#8612), and its checkpoints must outlive it to resume."""
+        path = Path(self.checkpoints)
+        return path if path.is_absolute() else project_root() / path
 
 
 class Params(Section):

@@ -266,3 +266,50 @@ def test_a_terminal_gets_a_progress_bar_per_epoch_and_a_log_does_not(tmp_path, m
             assert "features" in text
         else:
             assert "epoch 1:" not in text and "it/s" not in text and "batch/s" not in text
+
+
+def test_a_run_in_a_dvc_temp_workspace_resumes_after_dvc_deletes_it(project, monkeypatch):
+    """treeverse/dvc#8612: `dvc exp run --queue/--temp` runs a stage in a copy of the
+    project (DVC_ROOT names the project) and deletes the copy when the run fails or is
+    stopped. Checkpoints live under the project root, so a second copy resumes the run;
+    DVC's own outputs stay in the copy. A second writer of the same key folder (another
+    queue worker) is refused in one line naming the folder, before any epoch."""
+    import fcntl
+    import shutil
+
+    original = MaskedAutoencoderViT.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += self.training
+        return original(self, imgs, pred, mask) * (float("nan") if calls["n"] > 8 else 1)
+
+    def workspace(name: str) -> Path:  # what DVC copies: the repo, not .checkpoints
+        copy = project.parent / name
+        shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".checkpoints", "mlflow*"))
+        monkeypatch.chdir(copy)
+        return copy
+
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    first = workspace("exp-tmp-1")
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    with pytest.raises(Diverged):
+        run_training("pretrain", load_params("params.yaml"))
+    (failed,) = _runs(project)  # the store: under the project root too
+    assert not (first / ".checkpoints").exists()
+    (folder,) = (project / ".checkpoints").glob("pretrain-*[!k]")  # not the .lock file
+    assert sorted(c.name for c in folder.glob("epoch-*")) == ["epoch-0000"]
+    shutil.rmtree(first)  # what DVC does with a failed temp workspace
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", original)
+    second = workspace("exp-tmp-2")
+    with open(folder.with_name(folder.name + ".lock"), "a") as held:  # another worker
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match=rf"another process .* is training into {folder}"):
+            run_training("pretrain", load_params("params.yaml"))
+    run_id = run_training("pretrain", load_params("params.yaml"))
+    assert run_id == failed.info.run_id  # resumed, not started afresh
+    steps = mlflow.MlflowClient().get_metric_history(run_id, "epoch/loss")
+    assert [m.step for m in steps] == [1, 2, 3]  # epoch 1 from the first copy, then resumed
+    assert (second / "models/pretrain/run_id").read_text().strip() == run_id
+    assert not (project / "models/pretrain").exists()  # DVC's outputs: in the workspace

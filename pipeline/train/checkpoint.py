@@ -3,11 +3,14 @@ optimizer, every rank's RNG streams."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +200,44 @@ class Checkpoints:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    @contextmanager
+    def locked(self, writer: bool = True):
+        """Hold `<folder>.lock` (an advisory `flock`, released when the process ends, a
+        `kill -9` included) while this process trains into the folder: two DVC queue
+        workers with the same stage, params and data never write one folder at once. The
+        file goes when the lock is let go (a taker checks it locked the file still there).
+        UserError naming the folder and the holder's pid when another process holds it.
+        `writer=False` (ranks other than 0, which write nothing): no lock."""
+        if not writer:
+            yield
+            return
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        path = self.folder.with_name(self.folder.name + ".lock")
+        lock = self._take(path)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: no one else has it
+            lock.close()  # lets go of the lock
+
+    def _take(self, path: Path):
+        while True:
+            lock = open(path, "a+")  # noqa: SIM115 (held until `locked` ends)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                lock.close()
+                raise UserError(
+                    f"another process (pid {holder}) is training into {self.folder} (the same "
+                    "stage, params and data): wait for it, or stop it and run again to resume "
+                    "from its checkpoints"
+                ) from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                lock.truncate(0)
+                lock.write(f"{os.getpid()}\n")
+                lock.flush()
+                return lock
+            lock.close()  # its holder removed the file as we took it: take the new one

@@ -221,7 +221,13 @@ def run_stage(stage: type[Stage], p: Params) -> str:
     experiment_id = tracking.connect(p.tracking) if rt.dist.main else None
     s, d = stage.create(p, rt), rt.dist
     key = params_key(*s.key())
-    checkpoints = Checkpoints(Path(p.paths.checkpoints) / f"{s.name}-{key}")
+    checkpoints = Checkpoints(p.paths.checkpoints_dir() / f"{s.name}-{key}")
+    with checkpoints.locked(d.main):  # one writer per key folder (two queue workers)
+        return _train(s, d, p, key, checkpoints, experiment_id)
+
+
+def _train(s: Stage, d, p: Params, key: str, checkpoints: Checkpoints, experiment_id) -> str:
+    """`run_stage`'s training, resumably, with the key folder locked."""
     seed_rank(p.runtime.seed, d)  # a checkpoint's own streams replace these on resume
     meta = checkpoints.resume(d, s.model, s.optimizer, s.generator, s.section.epochs)
     start, run_id = (meta["epoch"] + 1, meta["run_id"]) if meta else (0, None)
