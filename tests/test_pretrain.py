@@ -168,7 +168,9 @@ def test_non_finite_loss_stops_with_step_epoch_lr_and_keeps_the_last_checkpoint(
     assert not (project / "models/pretrain/run_id").exists()
 
 
-def test_a_checkpoint_does_not_leak_into_a_run_with_other_params(project, monkeypatch):
+def test_a_checkpoint_does_not_leak_into_a_run_with_other_params(project, monkeypatch, caplog):
+    """Other params start afresh and say at info which key parts differ from the nearest
+    checkpoints (`key.json` beside them); the device's spelling is no such part."""
     original = MaskedAutoencoderViT.forward_loss
     calls = {"n": 0}
 
@@ -183,7 +185,15 @@ def test_a_checkpoint_does_not_leak_into_a_run_with_other_params(project, monkey
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"]["mask_ratio"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
-    run_id = run_training("pretrain", load_params("params.yaml"))
+    (old,) = (project / ".checkpoints").glob("pretrain-*")
+    assert json.loads((old / "key.json").read_text())["pretrain"]["mask_ratio"] == 0.75
+    with caplog.at_level("INFO", logger="pipeline.train.checkpoint"):
+        run_id = run_training("pretrain", load_params("params.yaml"))
+    said = [r.getMessage() for r in caplog.records if "under another key" in r.getMessage()]
+    assert said == [
+        f"pretrain has checkpoints under another key ({old}), not resumed: "
+        "pretrain.mask_ratio: 0.75 -> 0.5"
+    ]
     runs = {r.info.run_id: r for r in _runs(project)}
     assert len(runs) == 2 and runs[run_id].data.params["pretrain.mask_ratio"] == "0.5"
     steps = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
@@ -313,3 +323,30 @@ def test_a_run_in_a_dvc_temp_workspace_resumes_after_dvc_deletes_it(project, mon
     assert [m.step for m in steps] == [1, 2, 3]  # epoch 1 from the first copy, then resumed
     assert (second / "models/pretrain/run_id").read_text().strip() == run_id
     assert not (project / "models/pretrain").exists()  # DVC's outputs: in the workspace
+
+
+def test_the_device_as_spelled_is_no_part_of_the_checkpoint_key(project, monkeypatch):
+    """torchgeo-bench#401: a knob that cannot change results threw progress away. A run
+    stopped under `runtime.device: cpu` resumes under `auto` (which resolves to the CPU
+    here): the same MLflow run, its epochs logged once."""
+    original = MaskedAutoencoderViT.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += self.training
+        return original(self, imgs, pred, mask) * (float("nan") if calls["n"] > 8 else 1)
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for device in ("cpu", "auto"):
+        params["runtime"]["device"] = device
+        (project / "params.yaml").write_text(yaml.safe_dump(project_params(params)))
+        if device == "cpu":
+            monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+            with pytest.raises(Diverged):
+                run_training("pretrain", load_params("params.yaml"))
+            (failed,) = _runs(project)
+            monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", original)
+    run_id = run_training("pretrain", load_params("params.yaml"))
+    assert run_id == failed.info.run_id
+    steps = mlflow.MlflowClient().get_metric_history(run_id, "epoch/loss")
+    assert [m.step for m in steps] == [1, 2, 3]

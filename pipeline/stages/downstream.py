@@ -18,7 +18,7 @@ from pipeline.data.store import shard_store
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.loop import speed
-from pipeline.train.runtime import Runtime, seed_everything
+from pipeline.train.runtime import Runtime, runtime_key, seed_everything
 from pipeline.train.stage import Stage
 
 
@@ -56,10 +56,15 @@ class Downstream(Stage):
     def derived_params(self) -> dict:
         return {}
 
-    def key(self) -> tuple:
-        pre = self.pre
-        runtime, world = flatten(self.p.runtime), self.rt.dist.world_size
-        return flatten(self.section), runtime, pre.cfg.to_dict(), pre.run_id, self.digest, world
+    def key(self) -> dict:
+        return {
+            self.name: flatten(self.section),
+            "runtime": runtime_key(self.p.runtime, self.rt),
+            "model": self.pre.cfg.to_dict(),
+            "pretrain.run_id": self.pre.run_id,
+            "data.manifest_digest": self.digest,
+            "world_size": self.rt.dist.world_size,
+        }
 
     @functools.cached_property
     def inherited(self) -> dict:

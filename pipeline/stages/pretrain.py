@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.train.eval import encode_split
 from pipeline.train.loop import speed
-from pipeline.train.runtime import Runtime, seed_everything
+from pipeline.train.runtime import Runtime, runtime_key, seed_everything
 from pipeline.train.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,15 @@ class Pretrainer(Stage):
     def prepare(self) -> None:
         self.probe = KnnProbe(self) if self.section.probe_every else None
 
-    def key(self) -> tuple:
-        p, world = self.p, self.rt.dist.world_size
-        return flatten(p.model), flatten(self.section), flatten(p.runtime), self.digest, world
+    def key(self) -> dict:
+        p = self.p
+        return {
+            "model": flatten(p.model),
+            "pretrain": flatten(self.section),
+            "runtime": runtime_key(p.runtime, self.rt),
+            "data.manifest_digest": self.digest,
+            "world_size": self.rt.dist.world_size,
+        }
 
     def run_name(self) -> str:
         """`pretrain mask=<ratio>` and what else differs from the committed params.yaml."""

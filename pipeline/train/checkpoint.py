@@ -25,10 +25,28 @@ from pipeline.train.distributed import Dist
 log = logging.getLogger(__name__)
 
 
-def params_key(*parts: Any) -> str:
+def params_key(parts: dict[str, Any]) -> str:
     """A short digest of everything that determines a training run's result."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flat(parts: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"runtime": {"seed": 0}} -> {"runtime.seed": "0"}: the parts as JSON leaves."""
+    out = {}
+    for name, value in parts.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def key_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
+    """The key parts that differ: {"runtime.num_workers": ("8", "4"), ...}."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k, "-"), b.get(k, "-")) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)}  # fmt: skip
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -197,6 +215,25 @@ class Checkpoints:
         if self.folder.is_dir() and any(self.folder.glob("epoch-*")):
             log.warning("no readable checkpoint in %s: starting afresh", self.folder)
         return None
+
+    def note_key(self, parts: dict[str, Any], stage: str) -> None:
+        """Write `key.json` (the key's parts) into the folder, and when checkpoints of
+        `stage` lie under another key, log at info what differs from the nearest one:
+        why this run does not resume them. Never a reason to refuse a run."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "key.json").write_text(json.dumps(parts, indent=1, default=str) + "\n")
+        others = []
+        for path in self.folder.parent.glob(f"{stage}-*/key.json"):
+            if path.parent != self.folder and any(path.parent.glob("epoch-*")):
+                try:
+                    others.append((key_changes(json.loads(path.read_text()), parts), path.parent))
+                except (OSError, ValueError):
+                    continue  # a key.json cut short: nothing to say about it
+        if others:
+            changes, folder = min(others, key=lambda o: len(o[0]))
+            said = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items())
+            log.info("%s has checkpoints under another key (%s), not resumed: %s",
+                     stage, folder, said)  # fmt: skip
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

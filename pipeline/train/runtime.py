@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.params import RuntimeParams
+from pipeline.params import RuntimeParams, flatten
 from pipeline.train import distributed
 from pipeline.train.distributed import Dist
 
@@ -30,6 +30,12 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def runtime_key(p: RuntimeParams, rt: Runtime) -> dict:
+    """The runtime params a checkpoint key holds: the device as resolved (`auto`, `cuda`
+    and `cuda:0` on one GPU train alike), not as spelled; the rest as given."""
+    return flatten(p) | {"device": rt.device.type}
 
 
 def resolve_runtime(p: RuntimeParams) -> Runtime:

@@ -177,8 +177,9 @@ class Stage:
         )
 
     # ---------------------------------------------------------------- the hooks
-    def key(self) -> tuple:
-        """Everything that determines the result: names the checkpoint folder."""
+    def key(self) -> dict:
+        """Everything that determines the result, by name: its digest names the checkpoint
+        folder, and `key.json` in it holds the parts."""
         raise NotImplementedError
 
     def run_name(self) -> str:
@@ -220,9 +221,12 @@ def run_stage(stage: type[Stage], p: Params) -> str:
     rt = resolve_runtime(p.runtime)
     experiment_id = tracking.connect(p.tracking) if rt.dist.main else None
     s, d = stage.create(p, rt), rt.dist
-    key = params_key(*s.key())
+    parts = s.key()
+    key = params_key(parts)
     checkpoints = Checkpoints(p.paths.checkpoints_dir() / f"{s.name}-{key}")
     with checkpoints.locked(d.main):  # one writer per key folder (two queue workers)
+        if d.main:
+            checkpoints.note_key(parts, s.name)
         return _train(s, d, p, key, checkpoints, experiment_id)
 
 
