@@ -117,6 +117,9 @@ def _stages_reading(key: str) -> set[str]:
         ("model.decoder_depth", {"pretrain"}),  # scratch builds the preset's decoder
         ("model.decoder_embed_dim", {"pretrain"}),
         ("model.name", {"pretrain", "scratch"}),
+        # proven not to change results (pipeline/train/runtime.py, RESULTS_NEUTRAL)
+        ("runtime.num_workers", set()),
+        ("runtime.device", {"pretrain", "finetune", "scratch", "linprobe", "evaluate"}),
     ],
 )
 def test_a_param_reruns_the_stages_that_read_it_and_no_other(key, stages):

@@ -204,6 +204,32 @@ def test_the_number_of_workers_does_not_change_the_batches(tmp_path):
         assert all(torch.equal(labels[0], x) for x in labels[1:])
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
+def test_per_image_augmentations_are_bitwise_the_same_at_0_1_and_3_workers(tmp_path):
+    """torchgeo-bench#401: lowering num_workers after a killed worker must not change what
+    is trained on. Images of mixed sizes take the per-image path: random resized crops,
+    flips, RandAugment and random erasing, each batch seeded by (seed, epoch, rank,
+    batch), and the training process's own stream ends where it would at any count."""
+    root = imagefolder(tmp_path / "imgs", {"a": 12, "b": 12})
+    p = folder_params(tmp_path, root, val_fraction=0.1, test_fraction=0.1, workers=0)
+    run_shard(p)
+    aug = Augment(randaugment=True, reprob=0.5)
+    for augmentation in ("finetune", "pretrain"):
+        runs, after = [], []
+        for workers in (0, 1, 3):
+            loader = build_loader(p.shards, "train", augmentation, batch_size=4, img_size=16,
+                                  aug=aug, num_workers=workers, seed=3)  # fmt: skip
+            loader.set_epoch(1)
+            torch.manual_seed(0)
+            runs.append([b["image"] for b in loader])
+            after.append(torch.rand(1).item())  # where the training's own stream stands
+        assert after[0] == after[1] == after[2]
+        assert len(runs[0]) >= 3 and all(len(r) == len(runs[0]) for r in runs)
+        for other in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+        assert not torch.equal(runs[0][0], runs[0][1])  # batches differ: not one seed
+
+
 def test_missing_shards_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"no shards at .*manifest.json is missing"):
         build_loader(tmp_path, "train", "eval", batch_size=4, img_size=8)

@@ -75,6 +75,12 @@ def build_transform(
 
 
 # ------------------------------------------------------------------ the loader
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """The seed of one batch's per-image augmentation (a tuple of ints hashes the same in
+    every process)."""
+    return hash((seed, epoch, rank, batch)) % 2**62
+
+
 class ShardStream(IterableDataset):
     """One epoch of a rank's batches, read from the shards by a DataLoader's workers: worker
     w of W reads batches w, w + W, ... which the DataLoader returns in round-robin order, so
@@ -89,10 +95,13 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:  # seed the per-image augmentation of this worker
-            torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker)) % 2**62)
+        # the per-image augmentation of batch b: seeded by (seed, epoch, rank, b), the same
+        # whichever worker reads it and with none (the training process's own streams are
+        # left as they were)
+        mine = range(worker, len(self.batches), workers)
+        seeds = [batch_seed(self.seed, self.epoch, self.rank, b) for b in mine]
         try:
-            yield from self.reader.read(self.batches[worker::workers], self.transform)
+            yield from self.reader.read(self.batches[worker::workers], self.transform, seeds)
         except (UserError, OSError) as err:
             yield {"error": str(err) if isinstance(err, UserError) else os_error_text(err)}
 

@@ -41,12 +41,20 @@ class SplitReader:
         finally:
             os.close(fd)
 
-    def read(self, batches: list[np.ndarray], transform: Callable | None = None) -> Iterator[dict]:
+    def read(
+        self,
+        batches: list[np.ndarray],
+        transform: Callable | None = None,
+        seeds: list[int] | None = None,
+    ) -> Iterator[dict]:
         """{"image", "label": (B,) int64, "key": [str]} for each batch of ids, in order.
 
         Without `transform` (images of one size) `image` is the stored pixels, (B, C, H, W)
-        uint8; with it, the stack of `transform(PIL image)`. Raises UserError or OSError
-        naming the shard that cannot be read.
+        uint8; with it, the stack of `transform(PIL image)`, batch k drawn from torch's
+        stream seeded with `seeds[k]` (forked: the caller's stream is left as it was), so a
+        batch's random crops, RandAugment and erasing depend on its seed alone, not on
+        which process reads it. Raises UserError or OSError naming the shard that cannot
+        be read.
         """
         x = self.index
         last = {int(s): k for k, ids in enumerate(batches) for s in np.unique(x.shard[ids])}
@@ -54,7 +62,8 @@ class SplitReader:
         ahead = Prefetch(self.store, self.entries, x, batches) if self.store.remote else None
         try:
             for k, ids in enumerate(batches):
-                images = [self._image(i, files, ahead, transform) for i in ids]
+                with _seeded(seeds[k] if seeds and transform is not None else None):
+                    images = [self._image(i, files, ahead, transform) for i in ids]
                 yield {
                     "image": _pixels(images) if transform is None else torch.stack(images),
                     "label": torch.from_numpy(x.label[ids]),
@@ -119,3 +128,14 @@ class Prefetch:
     def stop(self) -> None:
         self.done = True
         self.room.release()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """torch's CPU stream seeded with `seed` inside, restored after; None: untouched."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -32,10 +32,18 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+# Runtime params proven not to change results: in no checkpoint key and no stage's DVC
+# params. num_workers: every batch's per-image augmentation is seeded by (seed, epoch,
+# rank, batch) whichever worker reads it (tests/test_loader.py, 0, 1 and 3 workers).
+RESULTS_NEUTRAL = ("num_workers",)
+
+
 def runtime_key(p: RuntimeParams, rt: Runtime) -> dict:
     """The runtime params a checkpoint key holds: the device as resolved (`auto`, `cuda`
-    and `cuda:0` on one GPU train alike), not as spelled; the rest as given."""
-    return flatten(p) | {"device": rt.device.type}
+    and `cuda:0` on one GPU train alike), not as spelled; none of `RESULTS_NEUTRAL`; the
+    rest (nproc: the effective batch and lr; precision; compile) as given."""
+    kept = {k: v for k, v in flatten(p).items() if k not in RESULTS_NEUTRAL}
+    return kept | {"device": rt.device.type}
 
 
 def resolve_runtime(p: RuntimeParams) -> Runtime:
