@@ -43,7 +43,7 @@ def _flat(parts: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def key_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
-    """The key parts that differ: {"runtime.num_workers": ("8", "4"), ...}."""
+    """The key parts that differ: {"pretrain.mask_ratio": ("0.75", "0.5"), ...}."""
     a, b = _flat(old), _flat(new)
     return {k: (a.get(k, "-"), b.get(k, "-")) for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k)}  # fmt: skip
