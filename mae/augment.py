@@ -1,21 +1,23 @@
-"""Batched augmentation on the training device: one `grid_sample` for a whole batch.
+"""Augmentation and the evaluation view, all resampled by `mae.resample.crop_resize`.
 
 `RandomResizedCropFlip` samples, per image, a crop of `scale` x area with an aspect ratio
 in `ratio` (log-uniform), as torchvision's RandomResizedCrop, flips half of them, and
-resamples every crop to `size` in one call. On a GPU this costs microseconds instead of a
-CPU worker's per-image PIL work.
-
-`eval_transform` is what every image a classifier is evaluated on or asked about goes
-through: the loader's evaluation path and the MLflow model use this one function.
+resamples every crop to `size` in one call: on a batch held on the training device, or on
+one image in a loader worker. `CentreCrop` is the evaluation view of a batch, and
+`eval_transform` the same view of one PIL image: what every image a classifier is
+evaluated on or asked about goes through (the loader's evaluation path and the MLflow
+model use these). One rule, so training, evaluation and serving see the same pixels.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mae.resample import centre_box, crop_resize
 
 
 class RandomResizedCropFlip(nn.Module):
@@ -25,11 +27,10 @@ class RandomResizedCropFlip(nn.Module):
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
-        mode: str = "bicubic",
     ) -> None:
         super().__init__()
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.scale, self.ratio, self.hflip, self.mode = scale, ratio, hflip, mode
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
 
     def boxes(
         self,
@@ -67,31 +68,51 @@ class RandomResizedCropFlip(nn.Module):
         """imgs: (N, C, H, W) float -> (N, C, *size); this rank's share of a global batch."""
         n, _, height, width = imgs.shape
         box, flip = self.boxes(n, height, width, generator, rank, world_size)
-        x0, y0, w, h = box.unbind(1)
-        # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
-        theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-        theta[:, 0, 0] = (w / width) * torch.where(flip, -1.0, 1.0)
-        theta[:, 0, 2] = (2 * x0 + w) / width - 1
-        theta[:, 1, 1] = h / height
-        theta[:, 1, 2] = (2 * y0 + h) / height - 1
-        theta = theta.to(imgs.dtype)  # drawn on the host; to a GPU without blocking it:
-        theta = (theta.pin_memory() if imgs.is_cuda else theta).to(imgs.device, non_blocking=True)
-        grid = F.affine_grid(theta, [n, imgs.shape[1], *self.size], align_corners=False)
-        return F.grid_sample(imgs, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        return crop_resize(imgs, box, self.size, flip)
+
+
+class CentreCrop(nn.Module):
+    """The evaluation view of a batch: (N, C, H, W) float -> (N, C, size, size), each
+    image's centred square of crop_pct x its shorter side (`resample.centre_box`)."""
+
+    def __init__(self, size: int, crop_pct: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.crop_pct = size, crop_pct
+
+    def forward(self, imgs: torch.Tensor, generator=None, rank: int = 0, world_size: int = 1):
+        n, _, height, width = imgs.shape
+        box = centre_box(height, width, self.crop_pct).expand(n, 4)
+        return crop_resize(imgs, box, (self.size, self.size))
+
+
+def pixels(img) -> torch.Tensor:
+    """PIL image (L or RGB) -> (C, H, W) uint8 tensor of its stored pixels."""
+    a = np.array(img)  # a copy: torch takes no read-only arrays
+    return torch.from_numpy(np.ascontiguousarray(a.reshape(*a.shape[:2], -1))).permute(2, 0, 1)
+
+
+def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """(C, H, W) pixels on the 0-255 scale -> normalised by the training shards' mean/std
+    (given on the 0-1 scale), as `Loader.images` normalises a batch."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
+    return (x.float() - m) / s
+
+
+class EvalTransform:
+    """PIL image (already in the model's mode) -> normalised (C, size, size) float tensor:
+    `CentreCrop` of one image (an image of that size, at crop_pct 1, is left as it is)."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float], crop_pct: float = 1.0):
+        self.crop, self.mean, self.std = CentreCrop(size, crop_pct), mean, std
+
+    def __call__(self, img) -> torch.Tensor:
+        x = pixels(img)
+        if x.shape[1:] != (self.crop.size, self.crop.size) or self.crop.crop_pct != 1.0:
+            x = self.crop(x[None].float())[0]
+        return normalise(x, self.mean, self.std)
 
 
 def eval_transform(img_size: int, mean: list[float], std: list[float], crop_pct: float = 1.0):
-    """PIL image (already in the model's mode) -> normalised (C, H, W) float tensor: the
-    shorter side resized to `img_size / crop_pct` (bicubic; an image of that size is left
-    as it is), the centre `img_size` square, then the training data's mean/std."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    return v2.Compose(
-        [
-            v2.Resize(round(img_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
-            v2.CenterCrop(img_size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    """The evaluation view of one PIL image (`EvalTransform`)."""
+    return EvalTransform(img_size, mean, std, crop_pct)

@@ -3,6 +3,7 @@ MLflow model `mae-cli predict` and `mlflow models serve` run) as in training: 16
 grayscale, bilevel, gray with alpha, palettes, RGBA, JPEG with an EXIF orientation."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from mae import eval_transform
+from mae.augment import normalise
 from mae.images import to_mode
 from pipeline.data.imagefolder import list_imagefolder
 from pipeline.data.loader import build_loader
@@ -89,3 +91,76 @@ def test_16_bit_gray_keeps_its_top_8_bits_where_convert_would_clip_to_white():
     assert np.asarray(to_mode(img, "L")).tolist() == [[0, 0, 1, 15, 255]]
     assert np.asarray(img.convert("L")).tolist() != [[0, 0, 1, 15, 255]]  # PIL clips
     assert np.asarray(to_mode(img, "RGB")).shape == (1, 5, 3)
+
+
+def _big_set(tmp_path, height: int, width: int, mode: str = "L"):
+    """Shards of 8 noise images of height x width per class (two classes): detail far
+    finer than a 16 px model sees, which a resize without antialiasing aliases."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "big"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            shape = (height, width) if mode == "L" else (height, width, 3)
+            img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+            img.save(root / cls / f"{i}.png")
+    p = folder_params(tmp_path, root, val_fraction=0.0, test_fraction=0.0, workers=0)
+    return p, run_shard(p), root
+
+
+def _views(loader) -> dict[str, torch.Tensor]:
+    views = {}
+    for batch in loader:
+        images = loader.images(batch, torch.device("cpu"), torch.Generator().manual_seed(0))
+        views.update(zip(batch["key"], images, strict=True))
+    return views
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "mode", "crop_pct"), [(64, 64, "L", 1.0), (48, 80, "RGB", 0.875)]
+)
+def test_training_evaluation_and_serving_resample_by_one_rule(
+    tmp_path, height, width, mode, crop_pct
+):
+    """pytorch/vision#2950: images larger than the model were cropped in training without
+    antialiasing (pixel std 0.187) but resized with it for evaluation and serving (0.061).
+    Every path now gives the tensor PIL's antialiased bicubic resize gives."""
+    from pipeline.data.loader import Augment
+    from pipeline.mlflow_model import ImageClassifier
+
+    p, manifest, root = _big_set(tmp_path, height, width, mode)
+    mean, std = manifest["mean"], manifest["std"]
+    aug = Augment(crop_pct=crop_pct)
+    load = lambda split_aug, aug=aug, **kw: build_loader(  # noqa: E731
+        p.shards, "train", split_aug, batch_size=4, img_size=SIZE, aug=aug, **kw
+    )
+    on_device = load("eval", in_memory=True)  # held and centre-cropped as one batch
+    per_image = load("eval", batch_augment=False)  # in the loader's workers, image by image
+    assert on_device.in_memory and not per_image.in_memory
+    held, streamed = _views(on_device), _views(per_image)
+    served = ImageClassifier()
+    served.mode, served.transform = mode, eval_transform(SIZE, mean, std, crop_pct)
+    files = {
+        f"{x.index:08d}": x.ref for x in list_imagefolder(root, on_bad_input="fail").splits["train"]
+    }
+    side = min(height, width) * crop_pct
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    scale = torch.tensor(std).view(-1, 1, 1) * 255
+    for key, view in held.items():
+        with Image.open(files[key]) as img:
+            at_predict = served._tensor(Path(files[key]).read_bytes())
+            by_pil = torch.from_numpy(np.array(img.resize((SIZE, SIZE), Image.BICUBIC, box=box)))
+        by_pil = normalise(by_pil.reshape(SIZE, SIZE, -1).permute(2, 0, 1), mean, std)
+        torch.testing.assert_close(streamed[key], view, rtol=0, atol=1e-4)
+        torch.testing.assert_close(at_predict, view, rtol=0, atol=1e-4)
+        # PIL rounds between its two passes and clamps: within a grey level or two
+        assert ((by_pil - view) * scale).abs().max() < 2.5, key
+    if (height, width, crop_pct) != (64, 64, 1.0):
+        return
+    # training's crops (here of the whole area) go through the same resampling: the same
+    # contrast as evaluation, on the device and in the workers
+    eval_std = torch.stack(list(held.values())).std().item()
+    whole = Augment(scale_min=1.0, hflip=False)
+    for kw in ({"in_memory": True}, {"batch_augment": False}):
+        trained = torch.stack(list(_views(load("pretrain", whole, **kw)).values()))
+        assert trained.std().item() == pytest.approx(eval_std, rel=0.2), kw

@@ -21,7 +21,7 @@ itself in `reader`), or the split decoded once and held on the training device
 (`InMemory`, see `memory` and `data.in_memory`). Both give the same samples in the same
 batches, as stored pixels (uint8) that `Loader.images` normalises and augments on the
 device; only images that need per-image CPU work (variable sizes, RandAugment, random
-erasing, an evaluation resize) arrive transformed and normalised from the workers.
+erasing) arrive transformed and normalised from the workers, resampled by the same rule.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
-from mae.augment import eval_transform
+from mae.augment import CentreCrop, RandomResizedCropFlip, eval_transform, normalise, pixels
 from pipeline.data.memory import held, hold_split
 from pipeline.data.plan import SHUFFLE_WINDOW, Augmentation, EpochPlan
 from pipeline.data.reader import SplitReader
@@ -53,25 +53,40 @@ class Augment:
     crop_pct: float = 1.0  # eval: resize to size / crop_pct, then centre crop
 
 
+class TrainView:
+    """A PIL image -> its normalised training view (C, size, size): the crop and flip of
+    the batched device path (`mae.augment.RandomResizedCropFlip`, one image drawn from
+    torch's stream, which the reader seeds per batch), then RandAugment on the view's
+    pixels rounded to uint8 (its operations are defined on 8-bit levels), then random
+    erasing."""
+
+    def __init__(self, crop, mean: list[float], std: list[float], randaugment, erase) -> None:
+        self.crop, self.mean, self.std = crop, mean, std
+        self.randaugment, self.erase = randaugment, erase
+
+    def __call__(self, img) -> torch.Tensor:
+        x = self.crop(pixels(img)[None].float())[0]
+        if self.randaugment is not None:
+            x = self.randaugment(x.round().clamp(0, 255).to(torch.uint8))
+        x = normalise(x, self.mean, self.std)
+        return x if self.erase is None else self.erase(x)
+
+
 def build_transform(
     augmentation: Augmentation,
     img_size: int,
     mean: list[float],
     std: list[float],
     aug: Augment = Augment(),
-) -> v2.Compose:
+):
+    """The per-image transform of `augmentation`: PIL image -> normalised (C, size, size)."""
     if augmentation == "eval":
         return eval_transform(img_size, mean, std, aug.crop_pct)
-    bicubic = InterpolationMode.BICUBIC
-    ops = [v2.RandomResizedCrop(img_size, scale=(aug.scale_min, 1.0), interpolation=bicubic)]
-    if aug.hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    if augmentation == "finetune" and aug.randaugment:
-        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
-    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if augmentation == "finetune" and aug.reprob > 0:
-        ops.append(v2.RandomErasing(p=aug.reprob, value=0))
-    return v2.Compose(ops)
+    crop = RandomResizedCropFlip(img_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip)
+    finetune = augmentation == "finetune"
+    randaugment = v2.RandAugment(num_ops=2, magnitude=9) if finetune and aug.randaugment else None
+    erase = v2.RandomErasing(p=aug.reprob, value=0) if finetune and aug.reprob > 0 else None
+    return TrainView(crop, mean, std, randaugment, erase)
 
 
 # ------------------------------------------------------------------ the loader
@@ -255,11 +270,10 @@ def _transforms(
     go through the CPU one by one or None).
 
     Images that all have one size (IDX sources) skip the per-image path: they are decoded
-    as a batch, and normalised, cropped and flipped on the device, in one call. Variable
-    sizes, RandAugment, random erasing and an evaluation resize need the per-image path.
+    as a batch, and normalised, cropped and flipped (or centre-cropped for evaluation) on
+    the device, in one call. Variable sizes, RandAugment and random erasing need the
+    per-image path. Both resample by one rule (`mae.resample.crop_resize`).
     """
-    from mae.augment import RandomResizedCropFlip
-
     size = manifest.get("image_size")
     if augmentation != "eval" and aug.randaugment:
         why = "RandAugment (finetune.randaugment) runs per image on the CPU"
@@ -267,14 +281,13 @@ def _transforms(
         why = "random erasing (finetune.reprob) runs per image on the CPU"
     elif size is None:
         why = "the images differ in size"
-    elif augmentation == "eval" and (tuple(size) != (img_size, img_size) or aug.crop_pct != 1.0):
-        why = f"the {size[0]}x{size[1]} images are resized to {img_size} px per image"
     elif not batch_augment:
         why = "the augmentation was asked to run per image on the CPU"
     else:
         why = None
     if why is None and augmentation == "eval":
-        return None, None, None
+        resized = tuple(size) != (img_size, img_size) or aug.crop_pct != 1.0
+        return None, (CentreCrop(img_size, aug.crop_pct) if resized else None), None
     if why is None:
         crop = RandomResizedCropFlip(img_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip)
         return None, crop, None

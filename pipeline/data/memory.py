@@ -14,7 +14,7 @@ is held is `data.in_memory`:
 
 A split can be held when its images share one size (IDX sources; an ImageFolder whose
 images all have one size) and nothing runs per image on the CPU (RandAugment, random
-erasing, an evaluation resize): those stream. Either way the batches hold the same
+erasing): those stream. Either way the batches hold the same
 samples in the same order (`plan.EpochPlan`), and the same pixels.
 """
 
