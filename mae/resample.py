@@ -59,9 +59,9 @@ def crop_resize(
     size: tuple[int, int],
     flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """imgs: (N, C, H, W) (integers are taken as float32); boxes: (N, 4) as (x0, y0, w, h) in input pixels, on the
-    host; size: (h, w) -> (N, C, h, w), image n's box resampled (PIL's bicubic with
-    antialiasing) and mirrored left-right where `flip` (N,) is true.
+    """imgs: (N, C, H, W) (integers are taken as float32); boxes: (N, 4) as (x0, y0, w, h)
+    in input pixels, on the host; size: (h, w) -> (N, C, h, w), image n's box resampled
+    (PIL's bicubic with antialiasing) and mirrored left-right where `flip` (N,) is true.
 
     Linear, with weights that sum to one: it commutes with a per-channel normalisation, and
     values may overshoot the input's range a little, as bicubic does (nothing is clamped).
