@@ -14,14 +14,12 @@ numpy and pandas; nothing of `pipeline`.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
-from PIL import Image
 
 BATCH = 256  # images per forward pass
 
@@ -43,12 +41,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.transform = eval_transform(size, config["mean"], config["std"])
 
     def _tensor(self, data: bytes) -> torch.Tensor:
-        """An image file's bytes -> the tensor the classifier takes, read as training read
-        the shards (`mae.images.to_mode`), then resized, cropped and normalised."""
-        from mae.images import to_mode
+        """An image file's bytes -> the tensor the classifier takes, decoded as training
+        decoded the shards (`mae.images`: one rule per mode), then resized, cropped and
+        normalised. ValueError, naming why, for what cannot be read."""
+        from mae.images import decode
 
-        with Image.open(io.BytesIO(data)) as img:
-            return self.transform(to_mode(img, self.mode))
+        return self.transform(decode(data, self.mode))
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

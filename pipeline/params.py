@@ -183,6 +183,17 @@ with warnings.catch_warnings():
                 raise ValueError("must not be empty")
             return name
 
+        @field_validator("register")
+        @classmethod
+        def _model_name(cls, name: str | None) -> str | None:
+            """MLflow's rule for registered model names (checked before any work, not
+            after training): no '/' or ':', and no name a path would change."""
+            if name is not None and ("/" in name or ":" in name):
+                raise ValueError(f"{name!r}: MLflow's model names cannot contain '/' or ':'")
+            if name is not None and (name in (".", "..") or name.startswith("..")):
+                raise ValueError(f"{name!r}: MLflow refuses model names that read as a path")
+            return name
+
 
 class PathsParams(Section):
     models: str  # DVC's outputs: in the workspace DVC runs the stage in (cwd)

@@ -7,7 +7,6 @@ a file Pillow cannot read is one line naming it.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from pipeline import tracking
@@ -37,17 +36,18 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 
 def read_image(path: Path) -> bytes:
-    """The file's bytes, once Pillow has decoded them whole."""
-    from PIL import Image, UnidentifiedImageError
+    """The file's bytes, once decoded whole by the model's rule (`mae.images.decode`: an
+    image the served model would refuse is refused here, in one line naming it)."""
+    from mae.images import decode
 
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image (Pillow cannot identify it)") from None
-    except (OSError, ValueError, SyntaxError) as err:  # unreadable, truncated, corrupt
-        raise UserError(f"{path}: not a readable image ({first_line(err)})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({first_line(err)})") from None
+    try:
+        decode(data, "L")  # the refusals do not depend on the model's mode
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
     return data
 
 

@@ -40,6 +40,9 @@ def test_the_projects_params_yaml_is_valid_and_holds_every_key():
         ({"model": {"name": "vit_giant"}}, "model.name: unknown model 'vit_giant'"),
         ({"linprobe": {"warmup_epochs": 61}}, "linprobe.warmup_epochs: must be in [0, epochs]"),
         ({"tracking": {"experiment": " "}}, "tracking.experiment: must not be empty"),
+        ({"tracking": {"register": "lab/a"}}, "tracking.register: 'lab/a': MLflow's model names"),
+        ({"tracking": {"register": "lab:a"}}, "tracking.register: 'lab:a': MLflow's model names"),
+        ({"tracking": {"register": ".."}}, "tracking.register: '..': MLflow refuses model names"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):

@@ -99,6 +99,9 @@ def test_the_knn_probe_and_system_metrics_can_be_turned_off_and_knn_needs_a_val_
         tracking={"system_metrics": False},
     )
     monkeypatch.chdir(params.parent)
+    # MLflow's documented switch starts no second writer (mlflow#9712), here or below
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     run_id = run_training("pretrain", load_params("params.yaml"))
     assert "knn_top1" not in json.loads(Path("metrics/pretrain.json").read_text())
     (run,) = [r for r in _runs(params.parent) if r.info.run_id == run_id]
@@ -166,6 +169,43 @@ def test_non_finite_loss_stops_with_step_epoch_lr_and_keeps_the_last_checkpoint(
     (run,) = _runs(project)
     assert run.info.status == "FAILED"
     assert not (project / "models/pretrain/run_id").exists()
+
+
+def test_a_resumed_run_logs_each_point_once(project, monkeypatch):
+    """mlflow#4248: the epoch a resume re-runs was logged up to the failure. Its loss and
+    system points, and its epoch metrics when the failure came after them (here a failed
+    checkpoint), are not logged again: the history reads as one run's. `system/*` has one
+    writer, at the loss's steps, with MLflow's own monitor switched on (mlflow#9712)."""
+    from pipeline.train.checkpoint import Checkpoints
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    original, save = MaskedAutoencoderViT.forward_loss, Checkpoints.save
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += self.training
+        return original(self, imgs, pred, mask) * (float("nan") if calls["n"] > 13 else 1)
+
+    def full_disk(self, *args, **kwargs):
+        monkeypatch.setattr(Checkpoints, "save", save)  # once
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    with pytest.raises(Diverged):  # in epoch 3, after its point at step 12
+        run_training("pretrain", load_params("params.yaml"))
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", original)
+    monkeypatch.setattr(Checkpoints, "save", full_disk)
+    with pytest.raises(OSError):  # epoch 3 again, up to its epoch metrics and k-NN probe
+        run_training("pretrain", load_params("params.yaml"))
+    run_id = run_training("pretrain", load_params("params.yaml"))  # epoch 3 a third time
+    client = mlflow.MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    steps = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in metrics}
+    assert steps["train/loss"] == [2, 4, 6, 8, 10, 12, 14]
+    assert steps["epoch/loss"] == [1, 2, 3] and steps["pretrain/knn_top1"] == [2, 3]
+    assert steps["system/cpu_utilization_percentage"] == steps["train/loss"]
+    assert {k: sorted(set(v)) for k, v in steps.items()} == {k: sorted(v) for k, v in steps.items()}
 
 
 def test_a_checkpoint_does_not_leak_into_a_run_with_other_params(project, monkeypatch, caplog):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -133,6 +134,39 @@ def test_the_model_loads_without_the_pipeline_package(project, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     mae_file, cls = out.stdout.split()[-2:]
     assert mae_file.startswith(local) and cls in CLASSES
+    # mlflow#4340: pins a package index can resolve (torch here is 2.14.1+cu130 or +cpu)
+    import yaml
+    from packaging.version import Version
+
+    pins = (Path(local) / "requirements.txt").read_text().split()
+    conda = yaml.safe_load((Path(local) / "conda.yaml").read_text())
+    (pip,) = [d["pip"] for d in conda["dependencies"] if isinstance(d, dict)]
+    for pin in {p for p in pins + pip if "==" in p}:
+        name, version = pin.split("==")
+        assert "+" not in version and version == Version(metadata.version(name)).public, pin
+    assert any(p.startswith("torch==") for p in pins)
+
+
+def test_a_model_without_an_input_example_logs_and_answers(project):
+    """What a run logs when no example can be made (see tests/test_images.py)."""
+    import pandas as pd
+
+    folder, _ = project
+    with mlflow.start_run() as run:
+        tracking.models.log_classifier(run.info.run_id, folder / "models/finetune", None)
+    model = mlflow.pyfunc.load_model(tracking.model_uri(mlflow.get_run(run.info.run_id)))
+    out = model.predict(pd.DataFrame({"image": [png for _, png in _test_images(2)]}))
+    assert list(out["class"]) and set(out["class"]) <= set(CLASSES)
+
+
+def test_model_requirements_drop_local_version_labels(monkeypatch):
+    from pipeline.tracking import models
+
+    real = metadata.version
+    labelled = {"torch": "2.14.1+cu128", "numpy": "2.3.0+local.build.7"}
+    monkeypatch.setattr(metadata, "version", lambda name: labelled.get(name) or real(name))
+    pins = dict(pin.split("==") for pin in models._model_requirements())
+    assert pins["torch"] == "2.14.1" and pins["numpy"] == "2.3.0"
 
 
 def test_mlflow_models_serve_answers_as_mae_cli_evaluate(project):
@@ -206,6 +240,18 @@ def test_predict_classifies_images_of_any_size_and_mode(project, tmp_path, mae_c
     ]
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header (8-bit gray) with no pixels: what Pillow reads to learn
+    an image's size, and where it stops a decompression bomb."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + b"\xaeB`\x82"
+
+
 def test_predict_mistakes_are_one_line(project, tmp_path, mae_cli_main):
     folder, run_id = project
     pretrain_id = (folder / "models/pretrain/run_id").read_text().strip()
@@ -213,7 +259,11 @@ def test_predict_mistakes_are_one_line(project, tmp_path, mae_cli_main):
     (tmp_path / "empty").mkdir()
     good = str(tmp_path / "ok.png")
     Path(good).write_bytes(image_bytes((16, 16), "L", "PNG"))
+    (tmp_path / "huge.png").write_bytes(_png_header(20_000, 10_000))  # 200 megapixels
+    Image.new("F", (8, 8), 200.0).save(tmp_path / "depth.tif")  # floats beyond [0, 1]
     cases = [
+        (["--run-id", run_id, str(tmp_path / "huge.png")], "huge.png: too large to decode safely"),
+        (["--run-id", run_id, str(tmp_path / "depth.tif")], "depth.tif: float (mode F) pixels"),
         (["--run-id", run_id, str(tmp_path / "missing.png")], "missing.png: no such file"),
         (["--run-id", run_id, str(tmp_path / "notes.png")], "notes.png: not an image"),
         (["--run-id", run_id, str(tmp_path / "empty")], "empty: a folder without images"),
@@ -230,28 +280,37 @@ def test_predict_mistakes_are_one_line(project, tmp_path, mae_cli_main):
 
 def test_register_points_champion_at_the_best_test_top1(project, tmp_path):
     """evaluate registers the finetune model it evaluates (once per run); the alias follows
-    the best test top-1, and `predict --model-uri models:/<name>@champion` uses it."""
+    the best test top-1, and `predict --model-uri models:/<name>@champion` uses it. Any
+    name MLflow takes works: a quote broke MLflow's filter strings (`O'Neil lab`), and a
+    name that a LIKE pattern also matches (`O_Neil lab`) keeps its own versions."""
     _, run_id = project
     p = load_params("params.yaml")
-    registered = p.model_copy(
-        update={"tracking": p.tracking.model_copy(update={"register": "bands"})}
-    )
+    name = "O'Neil lab"
+    registered = p.model_copy(update={"tracking": p.tracking.model_copy(update={"register": name})})
     (result,) = evaluate_run(registered, run_id)
-    assert result["registered"] == {"name": "bands", "version": 1, "champion": 1}
+    assert result["registered"] == {"name": name, "version": 1, "champion": 1}
     second = run_training("finetune", p)  # the same recipe again: a second run, a second version
     run = mlflow.get_run(second)
-    worse = tracking.register_champion("bands", run, result["top1"] - 0.1)
-    assert worse == {"name": "bands", "version": 2, "champion": 1}
-    better = tracking.register_champion("bands", run, result["top1"] + 0.1)  # re-evaluated
-    assert better == {"name": "bands", "version": 2, "champion": 2}
+    decoy = tracking.register_champion("O_Neil lab", run, 1.0)
+    assert decoy == {"name": "O_Neil lab", "version": 1, "champion": 1}
+    worse = tracking.register_champion(name, run, result["top1"] - 0.1)
+    assert worse == {"name": name, "version": 2, "champion": 1}
+    better = tracking.register_champion(name, run, result["top1"] + 0.1)  # re-evaluated
+    assert better == {"name": name, "version": 2, "champion": 2}
+    quoted = 'say "hi" 100%'
+    assert tracking.register_champion(quoted, run, 0.5) == {
+        "name": quoted,
+        "version": 1,
+        "champion": 1,
+    }
     client = mlflow.MlflowClient()
-    assert len(client.search_model_versions("name = 'bands'")) == 2
-    assert client.get_model_version_by_alias("bands", "champion").run_id == second
+    assert len(client.search_model_versions("name LIKE 'O_Neil lab'")) == 3  # both names
+    assert client.get_model_version_by_alias(name, "champion").run_id == second
 
     image = tmp_path / "one.png"
     image.write_bytes(_test_images(1)[0][1])
     out = subprocess.run(  # the console script, as a user runs it
-        [MAE_CLI, "predict", "--model-uri", "models:/bands@champion", str(image)],
+        [MAE_CLI, "predict", "--model-uri", f"models:/{name}@champion", str(image)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert out.returncode == 0 and out.stdout.split()[1] in CLASSES, out.stderr

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -164,6 +165,14 @@ def _bad_imagefolder(tmp_path: Path, case: str) -> tuple[DataParams, str]:
     elif case == "empty class":
         (root / "emu").mkdir()
         name, reason = str(root / "emu"), "empty class folder"
+    elif case == "latin-1 file name":  # a zip made on Windows: Caf\xe9.png
+        latin = os.fsencode(root / "dog") + b"/Caf\xe9.png"
+        with open(latin, "wb") as f:
+            f.write((root / "dog" / "000.jpg").read_bytes())
+        name, reason = (
+            f"{root / 'dog'}/Caf\\xe9.png",
+            "a name that is not UTF-8 (bytes b'Caf\\xe9.png')",
+        )
     else:
         (root / "dog" / "notes.txt").write_text("hello")
         name, reason = str(root / "dog" / "notes.txt"), "unsupported file type"
@@ -191,12 +200,14 @@ SKIP_REASONS = {
     "garbage": "cannot decode image",
     "empty class": "empty class folder",
     "stray file": "unsupported file type",
+    "latin-1 file name": "a name that is not UTF-8",
     "label out of range": "label 12 out of range (0-9)",
     "truncated idx": "missing: file truncated",
 }
 
 
-BAD_CASES = [("imagefolder", c) for c in ("corrupt", "garbage", "empty class", "stray file")] + [
+IMAGEFOLDER_CASES = ("corrupt", "garbage", "empty class", "stray file", "latin-1 file name")
+BAD_CASES = [("imagefolder", c) for c in IMAGEFOLDER_CASES] + [
     ("idx", c) for c in ("label out of range", "truncated idx")
 ]
 
@@ -312,6 +323,25 @@ def test_a_cut_gzip_file_is_reported_as_truncated_not_empty(tmp_path):
     gz.write_bytes(gz.read_bytes()[:-200])  # cut inside the stream (and well under 1 MB)
     with pytest.raises(UserError, match=r"truncated: header says 20 images, the file holds"):
         run_shard(idx_params(tmp_path))
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_any_work(tmp_path):
+    """hooram/ownphotos#112: a class name that is not UTF-8 trained every stage, then broke
+    evaluate's plots and the served model. It is refused, under `skip` too (a class cannot
+    be skipped like an image), naming the folder by its bytes."""
+    root = imagefolder(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    latin = os.fsencode(root) + b"/caf\xe9"
+    os.mkdir(latin)
+    with open(latin + b"/0.png", "wb") as f:
+        f.write((root / "cat" / "001.png").read_bytes())
+    for policy in ("fail", "skip"):
+        p = folder_params(tmp_path, root, on_bad_input=policy)
+        with pytest.raises(UserError) as err:
+            run_shard(p)
+        assert str(err.value).startswith(
+            f"{root}/caf\\xe9: a class folder whose name is not UTF-8 (bytes b'caf\\xe9'"
+        ), str(err.value)
+        assert not Path(p.shards).exists()
 
 
 def test_smaller_mistakes_are_named(tmp_path):

@@ -58,6 +58,12 @@ def _class_dirs(tree: Path, root: Path, listing: SourceListing, policy: str, spl
     for path in sorted(tree.iterdir(), key=lambda p: p.name):
         if path.name.startswith(".") or not (path.is_dir() or path.is_symlink()):
             continue
+        if not utf8(path.name):  # a class name: in the manifest, plots and the served model
+            raise UserError(
+                f"{printable(path)}: a class folder whose name is not UTF-8 (bytes "
+                f"{os.fsencode(path.name)!r}, e.g. Latin-1 from a Windows zip): rename it, "
+                f"e.g. `convmv -f latin1 -t utf8 -r --notest {printable(tree)}`"
+            )
         reason = _link_problem(path, root)
         if reason is None and path.is_symlink() and path.resolve().parent == tree.resolve():
             reason = "symlink to another class folder (its images would get two labels)"
@@ -109,11 +115,28 @@ def _class_files(class_dir: Path, root: Path, listing: SourceListing, policy: st
         for name in sorted(filenames):
             path = Path(folder) / name
             reason = _link_problem(path, root, own) or (None if path.is_file() else "not a file")
+            if reason is None and not utf8(str(path.relative_to(class_dir))):
+                reason = f"a name that is not UTF-8 (bytes {os.fsencode(name)!r}): rename it"
             if reason is not None:
-                _bad(listing, policy, split, str(path), reason)
+                _bad(listing, policy, split, printable(path), reason)
             else:
                 files.append(path)
     return sorted(files)
+
+
+def utf8(name: str) -> bool:
+    """Whether a name read from the file system was valid UTF-8 (Python keeps the bytes
+    it cannot decode as lone surrogates, which no JSON, YAML or MLflow field can hold)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: Path) -> str:
+    """`path` for a message or the manifest: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _bad(listing: SourceListing, policy: str, split: str, name: str, reason: str) -> None:

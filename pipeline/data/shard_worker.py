@@ -18,7 +18,7 @@ from mae.images import WIDE_GRAY_MODES, to_mode
 from pipeline.data.sources import Input, Skipped
 from pipeline.data.tarindex import write_index
 
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAY_MODES = {"1", "L", "LA", "La", "F"} | WIDE_GRAY_MODES
 
 
 @dataclass
@@ -94,8 +94,8 @@ def _encode(item: Input, want_stats: bool):
             if img.mode in WIDE_GRAY_MODES:
                 return _as_8_bit_png(img, want_stats)
             stats = None
-            if want_stats:
-                stats = _stats(np.asarray(img.convert("RGB")), np.asarray(img.convert("L")))
+            if want_stats:  # the pixels every reader decodes (`mae.images`)
+                stats = _stats(np.asarray(to_mode(img, "RGB")), np.asarray(to_mode(img, "L")))
             return (
                 ("jpg" if img.format == "JPEG" else "png"),
                 data,

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import time
 from pathlib import Path
-
-from PIL import Image
 
 from pipeline import reports, settings, tracking
 from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
 from pipeline.data.store import shard_store
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.params import Params, flatten
 from pipeline.train.loop import speed
 from pipeline.train.runtime import Runtime, runtime_key, seed_everything
 from pipeline.train.stage import Stage
+
+log = logging.getLogger(__name__)
 
 
 class Downstream(Stage):
@@ -119,9 +120,18 @@ class Downstream(Stage):
             "model_log_seconds": model_log_seconds,
         }
 
-    def example_image(self) -> bytes:
-        """The MLflow model's input example: the first val image, as PNG."""
-        with Image.open(io.BytesIO(self.val_loader.reader.encoded(0))) as img:
+    def example_image(self) -> bytes | None:
+        """The MLflow model's input example: the first val image decoded as the model
+        decodes it (`mae.images.decode`), as PNG; None, with a warning, when there is
+        none to make (an empty val split): the model is logged without one. A CMYK JPEG,
+        saved as PNG as stored, failed every finished run, and again on each resume."""
+        from mae.images import decode
+
+        try:
+            img = decode(self.val_loader.reader.encoded(0), self.val_loader.reader.mode)
             png = io.BytesIO()
             img.save(png, format="PNG")
+        except Exception as err:  # an example is a convenience: never worth a finished run
+            log.warning("the MLflow model gets no input example: %s", first_line(err))
+            return None
         return png.getvalue()

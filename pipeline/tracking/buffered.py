@@ -68,6 +68,7 @@ class Run:
         self.down_since: float | None = None
         self.error = ""  # why the store did not answer, first time
         self.spool: Path | None = None  # copies of artifacts waiting to be sent
+        self.marks: dict[str, int] | None = None  # resumed: the newest step per metric key
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._send("params", self._log_params, dict(params))
@@ -107,7 +108,7 @@ class Run:
         )
         self._send("dataset", lambda: mlflow.log_input(dataset, context=context))
 
-    def log_classifier(self, folder: Path, example: bytes) -> None:
+    def log_classifier(self, folder: Path, example: bytes | None) -> None:
         """The classifier in `folder` (model.safetensors + config.json) as this run's MLflow
         model `classifier` (see pipeline/mlflow_model.py), with `example` (an encoded
         image) as its input example. (The active run only: `log_model` takes no run id.)"""
@@ -120,7 +121,24 @@ class Run:
         mlflow.log_params(fresh, run_id=self.id)  # MLflow sends it in batches of 100
 
     def _log_metrics(self, values: dict[str, float], step: int | None) -> None:
-        mlflow.log_metrics(values, step=step, run_id=self.id)
+        if self.resumed:  # the re-run epoch's points are in the store once already
+            marks = self._marks()
+            values = {k: v for k, v in values.items() if (step or 0) > marks.get(k, -1)}
+        if values:
+            mlflow.log_metrics(values, step=step, run_id=self.id)
+
+    def _marks(self) -> dict[str, int]:
+        """A resumed run's newest logged step per metric key, read from the store once, at
+        the first send (mlflow#4248: a resumed run otherwise logs the points of the epoch
+        it re-runs twice, at the same steps; the resumed epoch is the same computation, so
+        the points kept are its values)."""
+        if self.marks is None:
+            client = MlflowClient()
+            keys = client.get_run(self.id).data.metrics
+            self.marks = {
+                k: max(m.step for m in client.get_metric_history(self.id, k)) for k in keys
+            }
+        return self.marks
 
     def _log_file(self, path: Path, artifact_dir: str | None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_dir, run_id=self.id)

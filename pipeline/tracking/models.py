@@ -4,6 +4,7 @@ registry: a run's model registered under a name, alias `champion` on the best ve
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -14,10 +15,10 @@ from pipeline.errors import UserError, first_line
 MODEL_NAME = "classifier"  # a classifier run's MLflow model (its LoggedModel's name)
 
 
-def log_classifier(run_id: str, folder: Path, example: bytes) -> None:
+def log_classifier(run_id: str, folder: Path, example: bytes | None) -> None:
     """Log the classifier in `folder` (model.safetensors + config.json) as run `run_id`'s
-    MLflow model `classifier`, `example` (an encoded image) its input example. `run_id`
-    must be the active run: `mlflow.pyfunc.log_model` takes no run id."""
+    MLflow model `classifier`, `example` (an encoded image, or None) its input example.
+    `run_id` must be the active run: `mlflow.pyfunc.log_model` takes no run id."""
     import mlflow.pyfunc
     import pandas as pd
 
@@ -34,7 +35,7 @@ def log_classifier(run_id: str, folder: Path, example: bytes) -> None:
         artifacts={"weights": str(folder / "model.safetensors"), "config": str(config_file)},
         code_paths=[str(Path(mae.__file__).parent)],  # loads where the pipeline is not
         signature=_classifier_signature(),
-        input_example=pd.DataFrame({"image": [example]}),
+        input_example=None if example is None else pd.DataFrame({"image": [example]}),
         pip_requirements=_model_requirements(),  # inferring them takes a subprocess
         metadata={"classes": config["classes"], "stage": config["kind"]},
     )
@@ -58,11 +59,17 @@ def _classifier_signature():
 
 
 def _model_requirements() -> list[str]:
-    """What pipeline/mlflow_model.py and the bundled `mae` import, pinned as installed."""
+    """What pipeline/mlflow_model.py and the bundled `mae` import, pinned as installed, at
+    their public versions: a local label (torch's `2.14.1+cpu`, `+cu128`) names a wheel
+    PyPI does not have, and `mlflow models serve` in a virtualenv, `build-docker` or
+    another machine could not rebuild the model's environment (mlflow#4340; MLflow's own
+    requirement inference strips it too)."""
     from importlib.metadata import version
 
+    from packaging.version import Version
+
     packages = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas")
-    return [f"{name}=={version(name)}" for name in packages]
+    return [f"{name}=={Version(version(name)).public}" for name in packages]
 
 
 def download_model(run_id: str, dst: Path) -> Path:
@@ -101,10 +108,10 @@ def register_champion(name: str, run, top1: float) -> dict:
     the champion's version and the name."""
     client = MlflowClient()
     try:
-        found = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+        found = _versions(client, name, run.info.run_id)
         version = found[0] if found else mlflow.register_model(model_uri(run), name)
         client.set_model_version_tag(name, version.version, "test_top1", f"{top1:.6f}")
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = _versions(client, name)
         best = max(versions, key=lambda v: (float(v.tags.get("test_top1", -1)), -int(v.version)))
         client.set_registered_model_alias(name, CHAMPION, best.version)
     except mlflow.exceptions.MlflowException as err:
@@ -113,3 +120,15 @@ def register_champion(name: str, run, top1: float) -> dict:
             f"{first_line(err)}"
         ) from None
     return {"name": name, "version": int(version.version), "champion": int(best.version)}
+
+
+def _versions(client: MlflowClient, name: str, run_id: str | None = None) -> list:
+    """The registered versions of model `name` (of run `run_id` alone, if given).
+
+    MLflow's filter strings cannot match a name with a quote in it (`O'Neil lab`: neither
+    doubled nor escaped quotes match, mlflow's search grammar): the name goes into a LIKE
+    pattern with every quote, backslash and wildcard as `_`, and the versions found are
+    kept where the name is exactly `name`."""
+    pattern = re.sub(r"['\"\\%_]", "_", name)
+    where = f"name LIKE '{pattern}'" + (f" and run_id = '{run_id}'" if run_id else "")
+    return [v for v in client.search_model_versions(where) if v.name == name]

@@ -147,22 +147,14 @@ def start_run(
     key: str | None = None,
 ):
     """Start a stage's run, or continue `run_id` (a checkpoint's) when the store still has
-    it; `run.resumed` says which. Tags: the stage, the manifest digest, the git commit, the
-    code's digest and whether it differs from the commit (`git.dirty`), `dvc.exp_name`.
-    MLflow marks the run FAILED if the stage raises; a killed process leaves it RUNNING,
-    and the resumed stage continues it. While the store does not answer,
-    training goes on and logging is kept (see `Run`). `enabled=False` (ranks other than 0)
-    gives a `NullRun`: one run per training run."""
+    it; `run.resumed` says which. Tags: see `_run_tags`. MLflow marks the run FAILED if
+    the stage raises; a killed process leaves it RUNNING, and the resumed stage continues
+    it. While the store does not answer, training goes on and logging is kept (see `Run`).
+    `enabled=False` (ranks other than 0) gives a `NullRun`: one run per training run."""
     if not enabled:
         yield NullRun()
         return
-    if run_id is not None and not run_is_active(run_id):
-        log.warning(
-            "run %s of the checkpoint is not in the store, or deleted: starting a new run", run_id
-        )
-        run_id = None
-    if run_id is None and key is not None and experiment_id is not None:
-        _end_stale_runs(experiment_id, stage, key)
+    run_id = _continued(run_id, experiment_id, stage, key)
     tags = _run_tags(stage, digest, parent_id, key)
     active = _start(
         {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
@@ -182,9 +174,23 @@ def start_run(
             log.warning("could not mark MLflow run %s %s: %s", run.id, status, err)
 
 
+def _continued(run_id: str | None, experiment_id: str | None, stage: str, key: str | None):
+    """The checkpoint's run to continue, or None (a fresh run: this stage's runs of the
+    same key left RUNNING before any checkpoint are ended first)."""
+    if run_id is not None and not run_is_active(run_id):
+        log.warning(
+            "run %s of the checkpoint is not in the store, or deleted: starting a new run", run_id
+        )
+        run_id = None
+    if run_id is None and key is not None and experiment_id is not None:
+        _end_stale_runs(experiment_id, stage, key)
+    return run_id
+
+
 def _run_tags(stage: str, digest: str, parent_id: str | None, key: str | None) -> dict:
-    """A stage run's tags: what it ran on (data digest, commit, and the code that ran:
-    `code.digest`, `git.dirty` when it is not the commit's, see `pipeline.tracking.code`)."""
+    """A stage run's tags: the stage, what it ran on (the manifest digest, the git commit,
+    and the code that ran: `code.digest`, `git.dirty` when it is not the commit's, see
+    `pipeline.tracking.code`), `dvc.exp_name`, the parent run and the checkpoint key."""
     # a queued experiment is tagged with its baseline, whatever HEAD is by then
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(project_root())
     return {
@@ -199,10 +205,18 @@ def _run_tags(stage: str, digest: str, parent_id: str | None, key: str | None) -
 
 
 def _start(kwargs: dict):
-    """`mlflow.start_run(**kwargs)`, failing fast in one line naming the store."""
+    """`mlflow.start_run(**kwargs)`, failing fast in one line naming the store. MLflow's own
+    system-metrics monitor never starts, whatever MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says:
+    `SystemMetrics` writes `system/*` at the loss's steps (tracking.system_metrics), and a
+    second writer would log the same keys with its own step counter (mlflow#9712)."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("true", "1"):
+        log.info(
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is ignored: tracking.system_metrics says "
+            "whether system/* is logged, at the loss's steps"
+        )
     try:
         with fail_fast():
-            return mlflow.start_run(**kwargs)
+            return mlflow.start_run(**kwargs, log_system_metrics=False)
     except Exception as err:  # a read-only store, a full disk under it, ...
         where = mlflow.get_tracking_uri()
         raise UserError(
