@@ -55,6 +55,21 @@ def shard(params: Path = PARAMS) -> None:
     typer.echo(f"wrote {p.data.shards}: {counts}; {skipped_count(manifest)} skipped")
 
 
+@app.command("list-images")
+def list_images(
+    root: Path = typer.Argument(..., help="The ImageFolder: root/<class>/<image>."),
+    output: Path = typer.Argument(..., help="The listing to write, e.g. data/raw.listing.json."),
+) -> None:
+    """List an ImageFolder for `data.root`: DVC then hashes this small file, not the
+    folder (cheap `dvc status` and queued experiments); the shard stage refuses an image
+    changed since. Re-run it after changing the folder (docs/data.md)."""
+    from pipeline.data.listing import write_listing
+
+    counts = write_listing(root, output)
+    summary = ", ".join(f"{split} {n:,}" for split, n in counts.items())
+    typer.echo(f"wrote {output}: {summary} images; set data.root: {output}")
+
+
 def _train(stage: str, params: Path) -> None:
     """Run a training stage: here, or as `runtime.nproc` ranks when that is above 1 and
     this process is not already one rank of a torchrun launch."""

@@ -82,6 +82,26 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def workspace_path(key: str, value: str) -> Path:
+    """A path a stage reads from the project (`data.root`): as given. Under a queued or
+    `--temp` DVC experiment (the working directory is DVC's copy, not `DVC_ROOT`), a
+    relative path missing from the copy but present in the project is one DVC did not
+    copy (git-ignored and not DVC-tracked): refused in one line naming the key, before
+    any work, since reading the project's copy would escape DVC's hashing."""
+    path = Path(value)
+    root = project_root()
+    if path.is_absolute() or path.exists() or root == Path.cwd().resolve():
+        return path
+    if (root / path).exists():
+        raise UserError(
+            f"{key}: {value} lies in the project ({root / path}) but not in DVC's temporary "
+            f"workspace ({Path.cwd()}): a queued or --temp experiment gets only git-tracked "
+            f"and DVC-tracked files; `dvc add {value}` and commit the .dvc file, or give "
+            "an absolute path"
+        )
+    return path
+
+
 class ModelParams(Section):
     name: str
     decoder_depth: Count | None  # None: the preset's

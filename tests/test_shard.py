@@ -344,6 +344,63 @@ def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_any_work(tmp_pa
         assert not Path(p.shards).exists()
 
 
+@pytest.mark.parametrize("source", ["imagefolder", "idx"])
+def test_a_source_dvc_did_not_copy_into_its_temp_workspace_is_refused(
+    tmp_path, monkeypatch, source
+):
+    """treeverse/dvc#8612: a queued or --temp experiment runs in a copy holding only what
+    git or DVC tracks; a git-ignored `data.root` inside the project is missing there."""
+    project, workspace = tmp_path / "project", tmp_path / "project/.dvc/tmp/exps/tmpab12"
+    if source == "imagefolder":
+        imagefolder(project / "raw", {"cat": 2, "dog": 2})
+    else:
+        idx_dataset(project / "raw")
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    p = data_params(source=source, root="raw", shards="data/shards", workers=0)
+    with pytest.raises(UserError, match=r"^data.root: raw lies in the project \(.*/project/raw\)"):
+        run_shard(p)
+    assert not (workspace / "data").exists()  # refused before any work
+    monkeypatch.chdir(project)  # where DVC_ROOT is the working directory: read as given
+    assert run_shard(p)["splits"]["train"]["count"] > 0
+
+
+def test_a_listing_shards_as_its_folder_and_refuses_a_changed_image(tmp_path):
+    """treeverse/dvc#7681: with `data.root` a listing, DVC hashes one small file instead of
+    the folder; the shards are the folder's, byte for byte, and a stale listing is named."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = imagefolder(tmp_path / "imgs", {"cat": 5, "dog": 5})
+    (root / "dog" / "notes.txt").write_text("a stray file: a bad input either way")
+    listing = tmp_path / "raw.listing.json"
+    result = CliRunner().invoke(app, ["list-images", str(root), str(listing)])
+    assert result.exit_code == 0 and "train 10 images" in result.output, result.output
+    direct = folder_params(tmp_path / "a", root, on_bad_input="skip", workers=0)
+    listed = folder_params(tmp_path / "b", listing, on_bad_input="skip", workers=0)
+    assert run_shard(direct) == run_shard(listed)
+    files = lambda p: {f.name: f.read_bytes() for f in Path(p.shards).iterdir()}  # noqa: E731
+    assert files(direct) == files(listed)
+    with pytest.raises(UserError, match=r"notes.txt: unsupported file type"):
+        run_shard(listed.model_copy(update={"on_bad_input": "fail"}))
+    changed = root / "cat" / "001.png"
+    os.utime(changed, ns=(1, 1))
+    with pytest.raises(UserError) as err:
+        run_shard(listed)
+    assert str(err.value) == (
+        f"{changed}: changed (size or mtime) since {listing} was written: "
+        f"re-run `mae-cli list-images {root} {listing}`"
+    )
+    changed.unlink()
+    with pytest.raises(UserError, match=r"001.png: gone since"):
+        run_shard(listed)
+    listing.write_text("{}")
+    with pytest.raises(UserError, match=r"is a file but no listing `mae-cli list-images` wrote"):
+        run_shard(listed)
+
+
 def test_smaller_mistakes_are_named(tmp_path):
     from typer.testing import CliRunner
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import kept
 from pipeline.data.imagefolder import list_imagefolder
+from pipeline.data.listing import read_listing
 from pipeline.data.manifest import FORMAT
 from pipeline.data.shard_worker import Chunk, ChunkResult, Context, init_worker, write_chunk
 from pipeline.data.sources import (
@@ -32,7 +33,7 @@ from pipeline.data.sources import (
 )
 from pipeline.data.store import is_url
 from pipeline.errors import UserError
-from pipeline.params import DataParams
+from pipeline.params import DataParams, workspace_path
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def _chunk_results(chunks: list[Chunk], workers: int, ctx: Context) -> Iterator[
 
 def _list_source(p: DataParams, workdir: Path) -> SourceListing:
     root = Path(p.root)
+    if p.source == "imagefolder" and root.is_file():  # a listing (`mae-cli list-images`)
+        return read_listing(root, p.on_bad_input)
     if p.source == "imagefolder":
         return list_imagefolder(root, on_bad_input=p.on_bad_input)
     if p.source == "fashion-mnist":
@@ -103,6 +106,7 @@ def run_shard(p: DataParams) -> dict:
             f"data.shards is a URL ({p.shards}): the shard stage writes a local folder; "
             "write the shards there, copy the folder to the store, and read it by URL"
         )
+    workspace_path("data.root", p.root)  # under dvc exp --queue/--temp: copied by DVC?
     out = Path(p.shards)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
