@@ -5,12 +5,8 @@ is checked by the stages, still before their MLflow run."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pipeline.errors import ParamsError
-
-if TYPE_CHECKING:
-    from pipeline.params import Params
+from pipeline.sections import Params
 
 
 def check_trainable(p: Params) -> None:

@@ -193,22 +193,42 @@ def _manifest(
     stats: np.ndarray,
     channels: int,
 ) -> dict:
+    mean, std = _mean_std(stats, channels)
+    splits = {
+        s: {
+            "count": sum(per_class[s]),
+            "per_class": dict(zip(listing.classes, per_class[s], strict=True)),
+            "shards": shards[s],
+        }
+        for s in SPLITS
+    }
+    keys = ("val_fraction", "test_fraction", "seed", "shard_max_count", "shard_max_mb")
+    return {
+        "format": FORMAT,
+        "source": {"kind": p.source, **listing.description},
+        "params": {k: getattr(p, k) for k in (*keys, "on_bad_input")},
+        "classes": listing.classes,
+        "channels": channels,
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+        "splits": splits,
+        "accounting": _accounting(listing, skipped, written),
+        "skipped": [_skip_record(x) for x in skipped],
+    }
+
+
+def _mean_std(stats: np.ndarray, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training pixels from `_stats` sums (0-1 units)."""
     n = max(stats[8], 1.0)
     if channels == 1:
         mean = [stats[0] / n]
-        std = [max(stats[1] / n - mean[0] ** 2, 0.0) ** 0.5]
-    else:
-        mean = list(stats[2:5] / n)
-        std = [max(v, 0.0) ** 0.5 for v in stats[5:8] / n - np.square(mean)]
-    splits = {}
-    for s in SPLITS:
-        counts = per_class[s]
-        splits[s] = {
-            "count": sum(counts),
-            "per_class": dict(zip(listing.classes, counts, strict=True)),
-            "shards": shards[s],
-        }
-    # Nothing is dropped silently: per source split, inputs = written + skipped.
+        return mean, [max(stats[1] / n - mean[0] ** 2, 0.0) ** 0.5]
+    mean = list(stats[2:5] / n)
+    return mean, [max(v, 0.0) ** 0.5 for v in stats[5:8] / n - np.square(mean)]
+
+
+def _accounting(listing: SourceListing, skipped: list[Skipped], written: dict) -> dict:
+    """Nothing is dropped silently: per source split, inputs = written + skipped."""
     accounting = {}
     for src, items in listing.splits.items():
         n_bad = sum(x.count for x in skipped if x.split == src)
@@ -220,25 +240,7 @@ def _manifest(
         }
         if accounting[src]["inputs"] != written[src] + n_bad:  # a bug, never a user error
             raise RuntimeError(f"shard accounting does not add up: {accounting}")
-    return {
-        "format": FORMAT,
-        "source": {"kind": p.source, **listing.description},
-        "params": {
-            "val_fraction": p.val_fraction,
-            "test_fraction": p.test_fraction,
-            "seed": p.seed,
-            "shard_max_count": p.shard_max_count,
-            "shard_max_mb": p.shard_max_mb,
-            "on_bad_input": p.on_bad_input,
-        },
-        "classes": listing.classes,
-        "channels": channels,
-        "mean": [round(float(v), 6) for v in mean],
-        "std": [round(float(v), 6) for v in std],
-        "splits": splits,
-        "accounting": accounting,
-        "skipped": [_skip_record(x) for x in skipped],
-    }
+    return accounting
 
 
 def _skip_record(x: Skipped) -> dict:

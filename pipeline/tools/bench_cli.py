@@ -27,6 +27,25 @@ def choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
+# `bench step`'s options that need more than a default and a bound
+PRECISION = typer.Option(
+    "auto",
+    help="auto (bf16 on CUDA), fp32, bf16, or fp16: the official code's step (fp16 autocast, "
+    "loss scaling, foreach AdamW), CUDA only.",
+)
+COMPILE_MODE = typer.Option(
+    "default", help="With --compile: default, reduce-overhead (CUDA graphs), max-autotune."
+)
+STEP_DATA = typer.Option(
+    "synthetic",
+    help="synthetic (one batch on the device), shards (streamed from data.shards) or memory "
+    "(the train split held on the device).",
+)
+BASELINE = typer.Option(
+    True, "--baseline/--no-baseline", help="Also time mask tokens through the encoder."
+)
+
+
 @bench_app.command("step")
 def bench_step(
     model: str = typer.Option("mae_vit_mini_patch4_28", help="A name from `mae-cli models`."),
@@ -36,24 +55,12 @@ def bench_step(
     steps: int = typer.Option(10, min=1, help="Timed steps."),
     warmup: int = typer.Option(3, min=0, help="Untimed steps first (compilation happens here)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    precision: str = typer.Option(
-        "auto",
-        help="auto (bf16 on CUDA), fp32, bf16, or fp16: the official code's step (fp16 "
-        "autocast, loss scaling, foreach AdamW), CUDA only.",
-    ),
+    precision: str = PRECISION,
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
-    compile_mode: str = typer.Option(
-        "default", help="With --compile: default, reduce-overhead (CUDA graphs), max-autotune."
-    ),
-    data: str = typer.Option(
-        "synthetic",
-        help="synthetic (one batch on the device), shards (streamed from data.shards) or "
-        "memory (the train split held on the device).",
-    ),
+    compile_mode: str = COMPILE_MODE,
+    data: str = STEP_DATA,
     params: Path = PARAMS,
-    baseline: bool = typer.Option(
-        True, "--baseline/--no-baseline", help="Also time mask tokens through the encoder."
-    ),
+    baseline: bool = BASELINE,
     peak_tflops: float = typer.Option(None, help="The device's bf16 peak, if not in the table."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
@@ -67,23 +74,16 @@ def bench_step(
     choice("--precision", precision, (*literal(RuntimeParams, "precision"), "fp16"))
     choice("--data", data, ("synthetic", "shards", "memory"))
     choice("--compile-mode", compile_mode, literal(RuntimeParams, "compile"))
+    compiled = compile_mode if compile else False
     try:
         loader = None
         if data != "synthetic":
             loader = shards_loader(params, model, img_size, batch_size, data == "memory", device)
         options = StepOptions(
-            model,
-            batch_size,
-            mask_ratio=mask_ratio,
-            steps=steps,
-            warmup=warmup,
-            device=device,
-            precision=precision,
-            compile=compile_mode if compile else False,
-            img_size=img_size,
-            baseline=baseline,
+            model, batch_size, mask_ratio=mask_ratio, steps=steps, warmup=warmup, device=device,
+            precision=precision, compile=compiled, img_size=img_size, baseline=baseline,
             peak_tflops=peak_tflops,
-        )
+        )  # fmt: skip
         result = bench_train_step(options, loader)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None

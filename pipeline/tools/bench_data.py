@@ -55,32 +55,15 @@ def bench_loader(
     """img/s of a train-split loader with its full augmentation (a device-side crop and flip
     too, here on the CPU, unless `device_augment` is off: on a GPU it runs there), worker
     start-up included (as every epoch pays it)."""
-    from pipeline.data.loader import build_loader
-
     store = as_store(shards)
     decode_s = None
     if reader == "webdataset":
         loader = _webdataset_loader(store, img_size, workers, batch_size, augmentation)
         images = lambda batch: batch[0]  # noqa: E731
     else:
-        loader = build_loader(
-            store,
-            "train",
-            augmentation,
-            batch_size=batch_size,
-            img_size=img_size,
-            num_workers=workers,
-            in_memory=reader == "memory",
+        loader, images, decode_s = _mae_loader(
+            store, img_size, workers, batch_size, augmentation, reader, device_augment
         )
-        if len(loader) == 0:
-            count = loader.manifest["splits"]["train"]["count"]
-            raise ValueError(f"--batch-size {batch_size} is larger than the train split ({count})")
-        if reader == "memory":  # decoded once, before the timing: what every epoch reuses
-            start = time.perf_counter()
-            next(iter(loader))
-            decode_s = time.perf_counter() - start
-        cpu = torch.device("cpu")
-        images = lambda b: loader.images(b, cpu) if device_augment else b["image"]  # noqa: E731
     start, n = time.perf_counter(), 0
     for batch in loader:
         n += len(images(batch))
@@ -89,18 +72,37 @@ def bench_loader(
     seconds = time.perf_counter() - start
     if reader == "mae" and not device_augment:
         reader = "mae (device crop left out)"
+    shape = (workers, batch_size, img_size)
     return DataBench(
-        store.location,
-        reader,
-        augmentation,
-        workers,
-        batch_size,
-        img_size,
-        n,
-        seconds,
-        n / seconds,
-        decode_s,
+        store.location, reader, augmentation, *shape, n, seconds, n / seconds, decode_s
     )
+
+
+def _mae_loader(store, img_size, workers, batch_size, augmentation, reader, device_augment):
+    """-> (this project's loader, batch -> its images, seconds the split took to decode
+    when held in memory, else None)."""
+    from pipeline.data.loader import build_loader
+
+    loader = build_loader(
+        store,
+        "train",
+        augmentation,
+        batch_size=batch_size,
+        img_size=img_size,
+        num_workers=workers,
+        in_memory=reader == "memory",
+    )
+    if len(loader) == 0:
+        count = loader.manifest["splits"]["train"]["count"]
+        raise ValueError(f"--batch-size {batch_size} is larger than the train split ({count})")
+    decode_s = None
+    if reader == "memory":  # decoded once, before the timing: what every epoch reuses
+        start = time.perf_counter()
+        next(iter(loader))
+        decode_s = time.perf_counter() - start
+    cpu = torch.device("cpu")
+    images = lambda b: loader.images(b, cpu) if device_augment else b["image"]  # noqa: E731
+    return loader, images, decode_s
 
 
 def _webdataset_loader(store: ShardStore, img_size: int, workers: int, batch: int, augmentation):
