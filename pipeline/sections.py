@@ -38,6 +38,19 @@ class DataParams(Section):
     cache: str
     cache_max_gb: Positive
     in_memory: bool | Literal["auto"]
+    labels: int | float | None  # few labels (pipeline/data/labels.py); None: every label
+    labels_seed: Annotated[int, Field(ge=0)]
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value}: give images per class (1 or more), a fraction in (0, 1) "
+                             "or null (every label)")  # fmt: skip
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"{value}: a fraction of the labels lies in (0, 1); every label is "
+                             "null")  # fmt: skip
+        return value
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -120,6 +133,7 @@ class PretrainParams(Schedule):
 
 
 class FinetuneParams(Schedule):
+    min_steps: Annotated[int, Field(ge=0)]  # epochs raised to reach it (`Stage.schedule_for`)
     accum_iter: Count
     layer_decay: Annotated[float, Field(gt=0, le=1)]
     drop_path: Fraction
@@ -134,6 +148,7 @@ class FinetuneParams(Schedule):
 
 
 class LinprobeParams(Schedule):
+    min_steps: Annotated[int, Field(ge=0)]
     optimizer: Literal["lars", "sgd"]
     pool: Literal["cls", "avg"]
     augment: bool

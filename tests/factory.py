@@ -248,6 +248,8 @@ TINY = {
         "warmup_epochs": 1,
         "blr": 1e-3,
     },
+    "finetune": {"min_steps": 0},  # each test sets the schedule it needs
+    "linprobe": {"min_steps": 0},
     "runtime": {"num_workers": 0, "device": "cpu"},
     "tracking": {"experiment": "test"},
 }

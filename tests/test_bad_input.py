@@ -67,8 +67,6 @@ CASES = [
      ["finetune"], 1, "finetune.batch_size: 33 is odd, but mixup/cutmix"),
     ("k-NN k above the split", lambda f: _params(f, "pretrain", knn_bank=None, knn_k=500),
      ["pretrain"], 1, "pretrain.knn_k: 500 neighbours, but the k-NN bank holds 180 images"),
-    ("probe batch above the split", lambda f: _params(f, "linprobe", batch_size=4096),
-     ["linprobe"], 1, "linprobe.batch_size 4096 x accum_iter 1 x 1 rank(s) is larger than"),
     ("negative seed", lambda f: _params(f, "runtime", seed=-5), ["pretrain"], 1,
      "runtime.seed: Input should be greater than or equal to 0, got -5"),
     ("missing key", lambda f: (f / "params.yaml").write_text("data: {}\n"), ["pretrain"], 1,

@@ -267,7 +267,8 @@ def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
     tmp_path, monkeypatch, caplog
 ):
     """The defaults, sized for Fashion-MNIST's 54,000 images, on ~1,300 images: fine-tuning
-    was a handful of optimizer steps and ended at chance, without a word."""
+    was a handful of optimizer steps and ended at chance, without a word. Now its epochs
+    are raised to `finetune.min_steps` (said at info); with that rule off, a warning."""
     from pipeline.data.shard import run_shard
     from pipeline.params import parse_params
     from pipeline.stages.pretrain import Pretrainer
@@ -281,6 +282,21 @@ def test_a_schedule_too_short_to_learn_is_named_before_the_work_starts(
                           "runtime": {"device": "cpu", "num_workers": 0}})  # fmt: skip
     p = parse_params(raw)
     run_shard(p.data)
+    with caplog.at_level("INFO", logger="pipeline.train.stage"):
+        raised = ScratchFinetuner.create(p, resolve_runtime(p.runtime))
+    assert (
+        "scratch: 1170 train images: batch 256 -> 256, epochs 2 -> 50 (finetune.min_steps 200)"
+        in caplog.text
+    )
+    assert (raised.section.epochs, raised.section.warmup_epochs) == (50, 12.5)
+    assert raised.given.epochs == 2 and "optimizer steps in all" not in caplog.text
+    big = parse_params(project_params({**raw, "finetune": {"batch_size": 4096, "mixup": 0.8}}))
+    capped = ScratchFinetuner.create(big, resolve_runtime(big.runtime))  # mixup: even
+    assert (capped.section.batch_size, capped.section.epochs) == (1170, 200)
+    assert capped.lr == pytest.approx(big.finetune.blr * 1170 / 256)
+    caplog.clear()
+    raw = project_params({**raw, "finetune": {"min_steps": 0}})
+    p = parse_params(raw)
     with caplog.at_level("WARNING", logger="pipeline.train.stage"):
         ScratchFinetuner.create(p, resolve_runtime(p.runtime))
         Pretrainer.create(p, resolve_runtime(p.runtime))

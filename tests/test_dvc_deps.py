@@ -119,6 +119,10 @@ def _stages_reading(key: str) -> set[str]:
         ("model.name", {"pretrain", "scratch"}),
         # proven not to change results (pipeline/train/runtime.py, RESULTS_NEUTRAL)
         ("runtime.num_workers", set()),
+        # few labels: the classifiers, never shard or pretrain (pipeline/data/labels.py)
+        ("data.labels", {"finetune", "scratch", "linprobe"}),
+        ("data.labels_seed", {"finetune", "scratch", "linprobe"}),
+        ("finetune.min_steps", {"finetune", "scratch"}),
         ("runtime.device", {"pretrain", "finetune", "scratch", "linprobe", "evaluate"}),
     ],
 )

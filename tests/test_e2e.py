@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "model": {"name": "mae_vit_test"},
     "pretrain": {"epochs": 2, "batch_size": 32, "log_every": 2, "recon_every": 1},
-    "finetune": {"epochs": 2, "batch_size": 32, "log_every": 2},
-    "linprobe": {"epochs": 2, "batch_size": 32, "log_every": 2, "warmup_epochs": 1},
+    "finetune": {"epochs": 2, "batch_size": 32, "log_every": 2, "min_steps": 0},
+    "linprobe": {"epochs": 2, "batch_size": 32, "log_every": 2, "warmup_epochs": 1, "min_steps": 0},
     "runtime": {"num_workers": 0, "device": "cpu"},
     "tracking": {"experiment": "e2e"},
 }
@@ -132,6 +132,22 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     assert ("trained with finetune.epochs 2 (params.yaml now: 3)" in said) == (
         tuned[0]["differs"]["finetune.epochs"] == "2"
     )
+
+    # Few labels: 5 per class re-runs the classifiers on one subset, never shard or
+    # pretrain (dvc status names exactly the stages whose params list the key).
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["data"]["labels"] = 5
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    changed = json.loads(run_cmd(["dvc", "status", "--json"], repo, stdout_only=True))
+    assert set(changed) == {"finetune", "scratch", "linprobe"}, changed
+    out = run_cmd(["dvc", "repro"], repo)
+    assert "Running stage 'pretrain'" not in out and "Running stage 'evaluate'" in out
+    subsets = {s: json.loads((repo / "models" / s / "labels.json").read_text())
+               for s in ("finetune", "scratch", "linprobe")}  # fmt: skip
+    assert set(subsets["finetune"]["per_class"]["train"].values()) == {5}
+    assert len({json.dumps(v["keys"]) for v in subsets.values()}) == 1  # one subset for all
+    few = mlflow.get_run((repo / "models/finetune/run_id").read_text().strip())
+    assert few.data.params["data.labels"] == "5" and few.data.params["labels.train_count"] == "50"
 
     # A stage that fails under dvc repro (here on a params mistake) leaves the previous
     # outputs whole: DVC removed them before it ran, the stage puts them back.

@@ -230,13 +230,15 @@ def build_loader(
     batch_augment: bool = True,
     in_memory: bool | str = False,
     device: torch.device | None = None,
+    subset: np.ndarray | None = None,
 ) -> Loader:
     """The loader for `split` ("train", "val", "test") and `augmentation` from the shards' manifest.
 
     Rank and world size default to the process group's. Training augmentations shuffle and drop
     the few samples that do not fill a global batch; "eval" reads every sample exactly once.
     `in_memory` is `data.in_memory` (True, False or "auto", see `memory`); `device` is
-    where a held split lives and where batches go (pinned memory for CUDA). Raises
+    where a held split lives and where batches go (pinned memory for CUDA); `subset`: the
+    sample ids read (a label subset, `pipeline.data.labels`), None: all. Raises
     UserError for missing or altered shards and for an `in_memory` that cannot be honoured.
     """
     store = as_store(shards)
@@ -253,7 +255,14 @@ def build_loader(
     mode = "L" if manifest["channels"] == 1 else "RGB"
     reader = SplitReader(store, entries, store.index(entries), mode)
     plan = EpochPlan(
-        reader.counts, batch_size, augmentation != "eval", seed, rank, world_size, shuffle_window
+        reader.counts,
+        batch_size,
+        augmentation != "eval",
+        seed,
+        rank,
+        world_size,
+        shuffle_window,
+        subset,
     )
     if hold_split(in_memory, manifest, split, per_image, device):
         key = (store.location, store.digest(), split)

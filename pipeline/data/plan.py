@@ -3,7 +3,7 @@ counts, the seed and the epoch alone (the loader's docstring says why)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -22,9 +22,20 @@ def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def epoch_order(
-    counts: list[int], *, epoch: int, seed: int, train: bool, window: int = SHUFFLE_WINDOW
+    counts: list[int],
+    *,
+    epoch: int,
+    seed: int,
+    train: bool,
+    window: int = SHUFFLE_WINDOW,
+    subset: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Sample ids (positions in the shards concatenated in manifest order) in epoch order."""
+    """Sample ids (positions in the shards concatenated in manifest order) in epoch order;
+    with `subset` (sorted ids: a label subset), its ids alone, in the order they have in
+    the whole split's epoch order."""
+    if subset is not None:
+        order = epoch_order(counts, epoch=epoch, seed=seed, train=train, window=window)
+        return order[np.isin(order, subset)]
     if not train:
         return np.arange(sum(counts))
     rng = np.random.default_rng([seed, epoch])
@@ -46,11 +57,12 @@ def rank_batches(
     batch_size: int,
     train: bool,
     window: int = SHUFFLE_WINDOW,
+    subset: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """The sample ids of each of `rank`'s batches this epoch, in order."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    order = epoch_order(counts, epoch=epoch, seed=seed, train=train, window=window)
+    order = epoch_order(counts, epoch=epoch, seed=seed, train=train, window=window, subset=subset)
     if train:
         steps = len(order) // (world_size * batch_size)  # the same count on every rank
         return list(
@@ -61,9 +73,15 @@ def rank_batches(
 
 
 def batches_per_epoch(
-    counts: list[int], *, world_size: int, batch_size: int, train: bool, rank: int = 0
+    counts: list[int],
+    *,
+    world_size: int,
+    batch_size: int,
+    train: bool,
+    rank: int = 0,
+    subset: np.ndarray | None = None,
 ) -> int:
-    total = sum(counts)
+    total = sum(counts) if subset is None else len(subset)
     if train:
         return total // (world_size * batch_size)
     lo, hi = _ranges(total, world_size)[rank]
@@ -82,6 +100,7 @@ class EpochPlan:
     rank: int = 0
     world_size: int = 1
     window: int = SHUFFLE_WINDOW
+    subset: np.ndarray | None = field(default=None, compare=False)  # a label subset's ids
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of sample ids in `epoch`, in order."""
@@ -94,6 +113,7 @@ class EpochPlan:
             batch_size=self.batch_size,
             train=self.train,
             window=self.window,
+            subset=self.subset,
         )
 
     def __len__(self) -> int:
@@ -103,4 +123,5 @@ class EpochPlan:
             batch_size=self.batch_size,
             train=self.train,
             rank=self.rank,
+            subset=self.subset,
         )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pipeline import reports, settings, tracking
 from pipeline.artifacts import Pretrained, load_pretrained, save_classifier
+from pipeline.data.labels import SPLITS as LABEL_SPLITS
+from pipeline.data.labels import label_subset
 from pipeline.data.store import shard_store
 from pipeline.errors import UserError, first_line
 from pipeline.params import Params, flatten
@@ -37,12 +39,35 @@ class Downstream(Stage):
         self.manifest = shards.manifest()
         self.digest, self.parent_id = pre.manifest_digest, pre.run_id
         self.num_classes = len(self.manifest["classes"])
+        self.labels = label_subset(
+            self._split_labels(shards) if p.data.labels is not None else {},
+            self.manifest["classes"],
+            p.data.labels,
+            p.data.labels_seed,
+        )
         if not self.manifest["splits"]["val"]["count"]:
             raise UserError(
                 "the val split is empty: the kept model is chosen on it "
                 "(set data.val_fraction above 0)"
             )
         self.val_loader = self.loader_for("val", "eval", 512, pre.cfg.image_hw[0])
+
+    def _split_labels(self, shards) -> dict:
+        """Each train and val sample's class, by id (the shards' indexes: no image read)."""
+        return {
+            split: shards.index(self.manifest["splits"][split]["shards"]).label
+            for split in LABEL_SPLITS
+        }
+
+    def loader_for(self, split: str, augmentation: str, batch_size: int, img_size: int, **kw):
+        """`Stage.loader_for`, over the label subset of `split` where one is set."""
+        ids = self.labels.ids.get(split) if self.labels is not None else None
+        return super().loader_for(split, augmentation, batch_size, img_size, subset=ids, **kw)
+
+    def train_count(self) -> int:
+        if self.labels is not None:
+            return len(self.labels.ids["train"])
+        return self.manifest["splits"]["train"]["count"]
 
     def encoder(self, p: Params) -> Pretrained:
         """Where the encoder starts: the pretrain stage's output."""
@@ -57,9 +82,16 @@ class Downstream(Stage):
     def derived_params(self) -> dict:
         return {}
 
+    def label_key(self) -> dict | None:
+        """The label subset as the checkpoint key and the runs name it (None: every label)."""
+        if self.labels is None:
+            return None
+        return {"labels": self.labels.spec, "seed": self.labels.seed, "digest": self.labels.digest}
+
     def key(self) -> dict:
         return {
-            self.name: flatten(self.section),
+            self.name: flatten(self.given),
+            "data.labels": self.label_key(),
             "runtime": runtime_key(self.p.runtime, self.rt),
             "model": self.pre.cfg.to_dict(),
             "pretrain.run_id": self.pre.run_id,
@@ -87,16 +119,32 @@ class Downstream(Stage):
         if ratio is not None:  # from a pretrain run: what it ran with (scratch: the encoder)
             now |= flatten(p.model, "model.") | flatten(p.pretrain, "pretrain.")
         head = f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} (random init)"
-        return settings.run_name(head, now | flatten(self.section, f"{own}."), own)
+        return settings.run_name(head, now | flatten(self.given, f"{own}."), own)
 
     def run_params(self) -> dict:
         return {
             **self.inherited,
-            **{f"{self.name}.{k}": v for k, v in flatten(self.section).items()},
+            **{f"{self.name}.{k}": v for k, v in flatten(self.given).items()},
             **{f"runtime.{k}": v for k, v in flatten(self.p.runtime).items()},
             **self.derived_params(),
+            **self.label_params(),
             "data.train_in_memory": self.loader.in_memory,  # what data.in_memory resolved to
             "pretrain.run_id": self.pre.run_id or "none (random init)",
+        }
+
+    def label_params(self) -> dict:
+        """The run's own label key and counts (never its parent's: pretraining ignores the
+        key), and the schedule it trained with (`Stage.schedule_for`)."""
+        counts = self.labels.counts() if self.labels is not None else {
+            split: self.manifest["splits"][split]["count"] for split in LABEL_SPLITS
+        }  # fmt: skip
+        return {
+            "data.labels": self.p.data.labels,
+            "data.labels_seed": self.p.data.labels_seed,
+            "labels.digest": self.labels.digest if self.labels is not None else "all",
+            **{f"labels.{split}_count": n for split, n in counts.items()},
+            f"{self.name}.run_epochs": self.section.epochs,
+            f"{self.name}.run_batch_size": self.section.batch_size,
         }
 
     def train_epoch(self, epoch: int, run) -> dict:
@@ -104,6 +152,12 @@ class Downstream(Stage):
 
     def write_outputs(self, run, out: Path, plots: Path) -> dict:
         save_classifier(out, self.model, self.config, self.best["state"])
+        if self.labels is not None:  # the subset's keys, beside the model (and in MLflow)
+            keys = {
+                "train": self.loader.reader.index.key[self.labels.ids["train"]].tolist(),
+                "val": self.val_loader.reader.index.key[self.labels.ids["val"]].tolist(),
+            }
+            self.labels.write(out / "labels.json", self.manifest["classes"], keys)
         start = time.perf_counter()
         run.log_classifier(out, self.example_image())
         model_log_seconds = time.perf_counter() - start

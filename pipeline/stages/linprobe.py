@@ -56,7 +56,7 @@ class LinearProber(Downstream):
 
     def batches_per_epoch(self) -> int:
         # cached features: each once an epoch, in full global batches
-        count = self.manifest["splits"]["train"]["count"]
+        count = self.train_count()
         return len(self.loader) if self.section.augment else count // self.effective_batch
 
     def prepare(self) -> None:

@@ -86,14 +86,14 @@ class Pretrainer(Stage):
     def run_name(self) -> str:
         """`pretrain mask=<ratio>` and what else differs from the committed params.yaml."""
         p = self.p
-        now = flatten(p.data, "data.") | flatten(p.model, "model.")
+        now = _without_labels(flatten(p.data, "data.")) | flatten(p.model, "model.")
         now |= flatten(self.section, "pretrain.")
         return settings.run_name(f"{STAGE} mask={self.section.mask_ratio}", now, STAGE)
 
     def run_params(self) -> dict:
         cfg = self.model.cfg
         return {
-            **flatten(self.p),
+            **_without_labels(flatten(self.p)),
             **{f"model.{k}": v for k, v in cfg.to_dict().items()},
             "model.parameters": sum(x.numel() for x in self.model.parameters()),
             "pretrain.lr": self.lr,
@@ -226,3 +226,9 @@ class KnnProbe:
         )
         top1 = (pred == labels).float().mean().item()
         return {"knn_top1": top1, "knn_s": time.perf_counter() - start}
+
+
+def _without_labels(params: dict) -> dict:
+    """Pretraining sees every train image and no label: the label keys are the children's
+    to log (each its own), never the pretrain run's."""
+    return {k: v for k, v in params.items() if k not in ("data.labels", "data.labels_seed")}

@@ -77,6 +77,8 @@ class Stage:
         """The build steps in the one order every stage needs: the model (seeded), any
         freezing, its DDP/compiled wrapper, the train loader, lr, optimizer, epoch loop,
         then whatever else the stage prepares."""
+        self.given = self.section  # as params.yaml says: what the run logs and is named by
+        self.section = self.schedule_for(self.section)
         self.model = self.build_model().to(self.rt.device)
         self.freeze()
         self.net, ddp = self.wrap()
@@ -88,6 +90,40 @@ class Stage:
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def train_count(self) -> int:
+        """Images the stage trains on per epoch (a label subset's, where one is set)."""
+        raise NotImplementedError
+
+    def schedule_for(self, s: Any) -> Any:
+        """The section the stage trains with, for a section with `min_steps`: the batch
+        capped at the train images (even under mixup/cutmix; lr = blr x it / 256 follows),
+        epochs raised to reach `min_steps` optimizer steps, warm-up scaled with them. Under
+        few labels (10 per class: 100 images) 2 epochs at batch 256 are no step at all;
+        this gives every point of a label sweep a schedule that can learn, with no edit."""
+        if getattr(s, "min_steps", None) is None:
+            return s
+        count, world, accum = (
+            self.train_count(),
+            self.rt.dist.world_size,
+            getattr(s, "accum_iter", 1),
+        )
+        batch = min(s.batch_size, count // (accum * world))
+        batch -= batch % 2 if getattr(s, "mixup", 0) or getattr(s, "cutmix", 0) else 0
+        if batch < 1:
+            return s  # refused when the loop is built, naming the batch
+        steps = count // (batch * accum * world)
+        epochs = max(s.epochs, -(-s.min_steps // steps))
+        if (batch, epochs) == (s.batch_size, s.epochs):
+            return s
+        if self.rt.dist.main:
+            log.info(
+                "%s: %d train images: batch %d -> %d, epochs %d -> %d (%s.min_steps %d)",
+                self.name, count, s.batch_size, batch, s.epochs, epochs, self.section_name,
+                s.min_steps,
+            )  # fmt: skip
+        warmup = s.warmup_epochs * epochs / s.epochs
+        return s.model_copy(update={"batch_size": batch, "epochs": epochs, "warmup_epochs": warmup})
 
     def freeze(self) -> None:
         """Parameters that do not train get `requires_grad=False` here (none by default)."""
