@@ -11,6 +11,7 @@ from importlib import import_module
 _HOME = {
     "build_classifier": "mae.classifier",
     "build_linear_probe": "mae.classifier",
+    "build_pixel_probe": "mae.classifier",
     "classifier_from_config": "mae.classifier",
     "eval_transform": "mae.augment",
     "freeze_all_but_last_blocks": "mae.classifier",
@@ -48,6 +49,7 @@ __all__ = [
     "MaskedAutoencoderViT",
     "build_classifier",
     "build_linear_probe",
+    "build_pixel_probe",
     "classifier_from_config",
     "count_parameters",
     "create_mae",

@@ -146,10 +146,40 @@ def build_linear_probe(
     return vit
 
 
-def classifier_from_config(config: dict) -> VisionTransformer:
+class PixelProbe(nn.Module):
+    """The linear probe's head on raw pixels, the control of a linear probe: (N, C, H, W)
+    normalised images -> flattened (N, C x H x W) -> BatchNorm1d(affine=False) -> Linear.
+    `forward_features` / `forward_head` as timm's ViT, so the probe's code serves both."""
+
+    def __init__(self, in_chans: int, img_size: tuple[int, int], num_classes: int) -> None:
+        super().__init__()
+        features = in_chans * img_size[0] * img_size[1]
+        linear = nn.Linear(features, num_classes)
+        trunc_normal_(linear.weight, std=0.01)  # as the probe's head (`build_linear_probe`)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(features, affine=False, eps=1e-6), linear)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_pixel_probe(in_chans: int, img_size: tuple[int, int], num_classes: int) -> PixelProbe:
+    """The pixels control's classifier (`PixelProbe`)."""
+    return PixelProbe(in_chans, img_size, num_classes)
+
+
+def classifier_from_config(config: dict) -> nn.Module:
     """The classifier a saved `config` describes (its `kind`, `model`, `num_classes` and
     `global_pool`), ready for its saved weights."""
     cfg = MAEConfig.from_dict(config["model"])
+    if config["kind"] == "pixels":
+        return build_pixel_probe(cfg.in_chans, cfg.image_hw, config["num_classes"])
     if config["kind"] == "linprobe":
         return build_linear_probe(cfg, config["num_classes"], global_pool=config["global_pool"])
     return build_classifier(cfg, config["num_classes"], drop_path_rate=0.0)

@@ -1,7 +1,7 @@
 """The GPU recipe in one call, for a GPU machine leased for minutes (no DVC, no installs):
-shard, pretrain, finetune, scratch, linprobe and evaluate as `mae-cli` runs them, then the
-figures as JSON: minutes, img/s and data wait per stage, test top-1 of every classifier,
-`mae_gain`, the device and the software.
+shard, pretrain, finetune, scratch, linprobe, pixels and evaluate as `mae-cli` runs them,
+then the figures as JSON: minutes, img/s and data wait per stage, test top-1 of every
+classifier, `mae_gain`, `probe_gain`, the device and the software.
 
     python scripts/gpu_record.py OUT [--data-root DIR] [--set section.key=value ...]
                                      [--work DIR] [--bench] [--commit SHA]
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STAGES = ("shard", "pretrain", "finetune", "scratch", "linprobe", "evaluate")
+STAGES = ("shard", "pretrain", "finetune", "scratch", "linprobe", "pixels", "evaluate")
 NEEDED = ("torch", "torchvision", "timm", "mlflow", "pydantic", "typer", "yaml", "safetensors")
 
 
@@ -179,10 +179,11 @@ def _run_stage(stage: str, work: Path, out: Path, record: dict, deadline: float)
 
 
 def _results(work: Path) -> dict:
-    """The headline figures: test top-1 per classifier, mae_gain, k-NN, speed per stage."""
+    """The headline figures: test top-1 per classifier, both gains, k-NN, speed per stage."""
     evaluated = json.loads((work / "metrics/evaluate.json").read_text())
-    out = {k: v for k, v in evaluated.items() if k.endswith("_top1") or k == "mae_gain"}
-    for stage in ("pretrain", "finetune", "scratch", "linprobe"):
+    gains = ("mae_gain", "probe_gain")
+    out = {k: v for k, v in evaluated.items() if k.endswith("_top1") or k in gains}
+    for stage in ("pretrain", "finetune", "scratch", "linprobe", "pixels"):
         m = json.loads((work / "metrics" / f"{stage}.json").read_text())
         out[stage] = {k: m[k] for k in ("minutes", "img_per_s", "data_wait") if k in m}
         if "knn_top1" in m:

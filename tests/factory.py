@@ -77,11 +77,17 @@ def idx_dataset(
 
 
 def bands_dataset(
-    root: Path, n_train: int = 240, n_test: int = 80, size: int = 16, seed: int = 0
+    root: Path,
+    n_train: int = 240,
+    n_test: int = 80,
+    size: int = 16,
+    seed: int = 0,
+    shuffled: bool = False,
 ) -> None:
     """A 4-class IDX dataset where learning is possible: a bright square in one of four
     horizontal bands (the class; a horizontal flip keeps it) at a random column, on a
-    noisy background."""
+    noisy background. `shuffled`: the same images under labels drawn at random, where
+    nothing is learnable."""
     rng = np.random.default_rng(seed)
     side = size // 4
 
@@ -91,7 +97,7 @@ def bands_dataset(
         for img, label in zip(images, labels, strict=True):
             x = rng.integers(0, size - side + 1)
             img[label * side : (label + 1) * side, x : x + side] = rng.integers(200, 256)
-        return images, labels
+        return images, (rng.integers(0, 4, n) if shuffled else labels)
 
     write_idx(root, "train", *draw(n_train))
     write_idx(root, "t10k", *draw(n_test))

@@ -223,3 +223,46 @@ def test_runs_of_uncommitted_edits_on_one_commit_are_series_of_their_own(tmp_pat
     assert code[clean] == "c0ffee"
     assert code[edit_a] == "c0ffee + uncommitted edits aaaaaaaaaaaa"
     assert "git.dirty" not in rows[0]["differs"] and "code.digest" not in rows[0]["differs"]
+
+
+def test_a_label_sweep_pairs_each_result_with_the_controls_of_its_labels(tmp_path):
+    """`dvc exp run -S data.labels=...` reuses one pretrain run: each point's fine-tune and
+    probe sit beside the scratch and pixels runs trained on its labels (not the newest
+    control, not the parent's data.* keys, which hold no label key), and `--by
+    data.labels` compares them in one series."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = parse_params(project_params({"tracking": {"uri": uri, "experiment": "cmp"}}))
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("cmp", artifact_location=(tmp_path / "a").as_uri())
+    pretrain = _pretrain_run(client, experiment, 0.75, 6, 0.86)  # every label: scratch 0.8
+    points = {"10": (0.60, 0.50, 0.55, 0.50), "100": (0.75, 0.70, 0.72, 0.71)}
+    for labels, (tuned, scratch, probe, pixels) in points.items():
+        _labelled(client, experiment, "finetune", tuned, labels, parent=pretrain, epochs=2)
+        _labelled(client, experiment, "scratch", scratch, labels, epochs=2)
+        _labelled(client, experiment, "linprobe", probe, labels, parent=pretrain, pool="avg")
+        _labelled(client, experiment, "pixels", pixels, labels)
+    _labelled(client, experiment, "linprobe", 0.83, None, parent=pretrain, pool="avg")
+    _labelled(client, experiment, "pixels", 0.84, None)  # every label: the probe loses
+    rows = compare_rows(p, by="data.labels")
+    assert {r["series"] for r in rows} == {"A"}
+    got = {r["value"]: (round(r["mae_gain"], 2), round(r["probe_gain"], 2)) for r in rows}
+    assert got == {"10": (0.10, 0.05), "100": (0.05, 0.01), "": (0.06, -0.01)}
+    assert "p-gain" in format_rows(rows).splitlines()[0]
+    plot_rows(rows, tmp_path / "labels.png")
+    assert (tmp_path / "labels.png").stat().st_size > 0
+
+
+def _labelled(client, experiment, stage, top1, labels, parent=None, **params):
+    """A classifier run trained on the label subset `labels` (None: every label), its
+    section logged under its own stage's name as the stages log it."""
+    tags = {"stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
+    rid = client.create_run(experiment, tags=tags).info.run_id
+    logged = {"labels.digest": f"digest-{labels}" if labels else "all"}
+    logged |= {f"{stage}.{k}": v for k, v in params.items()}
+    if labels:
+        logged["data.labels"] = labels
+    for k, v in logged.items():
+        client.log_param(rid, k, str(v))
+    client.log_metric(rid, "test/top1", top1)
+    client.set_terminated(rid)
+    return rid

@@ -102,13 +102,18 @@ def test_evaluate_logs_to_the_run_and_its_parent(project):
     run_training("finetune", load_params("params.yaml"))
     run_training("linprobe", load_params("params.yaml"))
     scratch_id = run_training("scratch", load_params("params.yaml"))
+    pixels_id = run_training("pixels", load_params("params.yaml"))
     results = evaluate_stage(load_params("params.yaml"))
-    assert [r["stage"] for r in results] == ["finetune", "linprobe", "scratch"]
+    stages = ("finetune", "linprobe", "scratch", "pixels")
+    assert [r["stage"] for r in results] == list(stages)
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
-    stages = ("finetune", "linprobe", "scratch")
-    assert set(metrics) == {f"{s}_{k}" for s in stages for k in ("top1", "top5")} | {"mae_gain"}
-    finetune, scratch = results[0], results[2]
+    gains = {"mae_gain", "probe_gain"}
+    assert set(metrics) == {f"{s}_{k}" for s in stages for k in ("top1", "top5")} | gains
+    finetune, linprobe, scratch, pixels = results
     assert metrics["mae_gain"] == pytest.approx(finetune["top1"] - scratch["top1"], abs=1e-6)
+    assert metrics["probe_gain"] == pytest.approx(linprobe["top1"] - pixels["top1"], abs=1e-6)
+    assert _run(pixels_id).data.params["pixels.features"] == str(16 * 16)  # 1 x 16 x 16 px
+    assert "pixels.pool" not in _run(pixels_id).data.params
     assert finetune["count"] == 40 and sum(map(sum, finetune["confusion"])) == 40
     run, parent = _run(finetune["run_id"]), _run(finetune["parent_run_id"])
     assert run.data.metrics["test/top1"] == pytest.approx(finetune["top1"])
@@ -117,6 +122,8 @@ def test_evaluate_logs_to_the_run_and_its_parent(project):
     assert parent.data.metrics["scratch/test_top1"] == pytest.approx(scratch["top1"])
     assert parent.data.metrics["mae_gain"] == pytest.approx(finetune["mae_gain"])
     assert parent.data.tags["scratch.run_id"] == scratch_id == scratch["run_id"]
+    assert parent.data.metrics["probe_gain"] == pytest.approx(linprobe["probe_gain"])
+    assert parent.data.tags["pixels.run_id"] == pixels_id
     # a pretrain run's id evaluates its children and the control it names, gain included
     again_all = evaluate_run(load_params("params.yaml"), finetune["parent_run_id"])
     assert {r["stage"] for r in again_all} == set(stages)
@@ -230,6 +237,26 @@ def test_fine_tuning_learns_what_is_learnable(tmp_path, monkeypatch):
     )
     assert result["count"] == 200
     assert result["top1"] >= 0.6, result["confusion"]  # 0.745 when written
+
+
+def test_the_pixels_control_learns_what_pixels_show_and_nothing_from_noise(tmp_path, monkeypatch):
+    """The probe's head on raw pixels: where a bright square's place is the class, it
+    learns it; on the same images with labels drawn at random, it stays near chance (25 %):
+    a control that cannot fail would say nothing about the probe beside it."""
+    results = {}
+    for name, shuffled in (("bands", False), ("noise", True)):
+        folder = tmp_path / name
+        build_project(
+            folder,
+            dataset=lambda raw, s=shuffled: bands_dataset(raw, n_train=640, n_test=200, shuffled=s),
+            data={"class_names": ["0", "1", "2", "3"]},
+            linprobe={"epochs": 10, "batch_size": 64, "warmup_epochs": 1, "min_steps": 0},
+        )
+        monkeypatch.chdir(folder)
+        p = load_params("params.yaml")
+        (results[name],) = evaluate_run(p, run_training("pixels", p))
+    assert results["bands"]["top1"] >= 0.8, results["bands"]["confusion"]
+    assert results["noise"]["top1"] <= 0.4, results["noise"]["confusion"]
 
 
 def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monkeypatch, caplog):

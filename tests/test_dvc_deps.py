@@ -116,14 +116,16 @@ def _stages_reading(key: str) -> set[str]:
         ("pretrain.mask_type", {"pretrain"}),
         ("model.decoder_depth", {"pretrain"}),  # scratch builds the preset's decoder
         ("model.decoder_embed_dim", {"pretrain"}),
-        ("model.name", {"pretrain", "scratch"}),
+        ("model.name", {"pretrain", "scratch", "pixels"}),
+        ("linprobe.pool", {"linprobe"}),  # not pixels: the pixels are the feature
+        ("linprobe.blr", {"linprobe", "pixels"}),
         # proven not to change results (pipeline/train/runtime.py, RESULTS_NEUTRAL)
         ("runtime.num_workers", set()),
         # few labels: the classifiers, never shard or pretrain (pipeline/data/labels.py)
-        ("data.labels", {"finetune", "scratch", "linprobe"}),
-        ("data.labels_seed", {"finetune", "scratch", "linprobe"}),
+        ("data.labels", {"finetune", "scratch", "linprobe", "pixels"}),
+        ("data.labels_seed", {"finetune", "scratch", "linprobe", "pixels"}),
         ("finetune.min_steps", {"finetune", "scratch"}),
-        ("runtime.device", {"pretrain", "finetune", "scratch", "linprobe", "evaluate"}),
+        ("runtime.device", {"pretrain", "finetune", "scratch", "linprobe", "pixels", "evaluate"}),
     ],
 )
 def test_a_param_reruns_the_stages_that_read_it_and_no_other(key, stages):

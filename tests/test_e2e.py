@@ -32,7 +32,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     repo = dvc_repo(tmp_path, params)
 
     out = run_cmd(["dvc", "repro"], repo)
-    for stage in ("shard", "pretrain", "finetune", "scratch", "linprobe", "evaluate"):
+    for stage in ("shard", "pretrain", "finetune", "scratch", "linprobe", "pixels", "evaluate"):
         assert f"Running stage '{stage}'" in out
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
@@ -40,7 +40,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
         r.data.tags["stage"]: r
         for r in mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     }
-    assert set(runs) == {"shard", "pretrain", "finetune", "scratch", "linprobe"}
+    assert set(runs) == {"shard", "pretrain", "finetune", "scratch", "linprobe", "pixels"}
     assert runs["shard"].data.metrics["data/train/count"] == 180  # 200 less 10 % for val
     pretrain = runs["pretrain"]
     for run in (runs[s] for s in ("pretrain", "finetune", "scratch", "linprobe")):
@@ -77,7 +77,10 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
             stdout_only=True,
         )
     )
-    assert {r["stage"] for r in both} == {"finetune", "linprobe", "scratch"}
+    assert {r["stage"] for r in both} == {"finetune", "linprobe", "scratch", "pixels"}
+    probe = next(r for r in both if r["stage"] == "linprobe")
+    assert probe["probe_gain"] == pytest.approx(evaluated["probe_gain"], abs=2e-6)
+    assert pretrain.data.metrics["probe_gain"] == pytest.approx(evaluated["probe_gain"], abs=2e-6)
 
     assert "Data and pipelines are up to date" in run_cmd(["dvc", "repro"], repo)
 
@@ -103,6 +106,7 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     out = run_cmd(["dvc", "exp", "run", *set_], repo)
     assert "cache_max_gb: 1e-05" in (repo / "params.yaml").read_text()
     assert "Running stage 'pretrain'" in out and "Running stage 'scratch'" not in out
+    assert "Running stage 'pixels'" not in out  # the probe's control is cached as well
     rows = json.loads(
         run_cmd(
             ["mae-cli", "compare", "--json", "--out", "plots/compare.png"], repo, stdout_only=True
@@ -139,11 +143,11 @@ def test_dvc_repro_runs_every_stage_tracks_it_and_then_does_nothing(tmp_path):
     raw["data"]["labels"] = 5
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     changed = json.loads(run_cmd(["dvc", "status", "--json"], repo, stdout_only=True))
-    assert set(changed) == {"finetune", "scratch", "linprobe"}, changed
+    assert set(changed) == {"finetune", "scratch", "linprobe", "pixels"}, changed
     out = run_cmd(["dvc", "repro"], repo)
     assert "Running stage 'pretrain'" not in out and "Running stage 'evaluate'" in out
     subsets = {s: json.loads((repo / "models" / s / "labels.json").read_text())
-               for s in ("finetune", "scratch", "linprobe")}  # fmt: skip
+               for s in ("finetune", "scratch", "linprobe", "pixels")}  # fmt: skip
     assert set(subsets["finetune"]["per_class"]["train"].values()) == {5}
     assert len({json.dumps(v["keys"]) for v in subsets.values()}) == 1  # one subset for all
     few = mlflow.get_run((repo / "models/finetune/run_id").read_text().strip())

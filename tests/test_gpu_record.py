@@ -20,6 +20,8 @@ CUT = {
     "finetune.epochs": 1,
     "finetune.warmup_epochs": 0,
     "finetune.batch_size": 32,
+    "finetune.min_steps": 0,
+    "linprobe.min_steps": 0,
     "linprobe.epochs": 2,
     "linprobe.warmup_epochs": 1,
     "linprobe.batch_size": 32,
@@ -42,10 +44,10 @@ def test_the_gpu_script_runs_the_recipe_cut_short_and_records_its_figures(tmp_pa
     assert record["params"]["model.name"] == "mae_vit_test"  # the cut over the recipe
     assert record["params"]["finetune.layer_decay"] == 0.75  # the recipe over params.yaml
     assert [s for s, e in record["stages"].items() if e["exit"] == 0] == [
-        "shard", "pretrain", "finetune", "scratch", "linprobe", "evaluate"
+        "shard", "pretrain", "finetune", "scratch", "linprobe", "pixels", "evaluate"
     ]  # fmt: skip
     results = record["results"]
-    for key in ("finetune_top1", "scratch_top1", "linprobe_top1"):
+    for key in ("finetune_top1", "scratch_top1", "linprobe_top1", "pixels_top1"):
         assert 0 < results[key] <= 1
     gain = results["finetune_top1"] - results["scratch_top1"]
     assert results["mae_gain"] == pytest.approx(gain, abs=2e-6)  # rounded in the file

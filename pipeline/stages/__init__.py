@@ -42,6 +42,12 @@ TRAINING_STAGES = (
         "The control: finetune's recipe from a random encoder -> models/scratch/, MLflow run.",
         classifier=True,
     ),
+    TrainingStage(
+        "pixels",
+        "pipeline.stages.pixels:PixelProber",
+        "The probe's control: linprobe's head and recipe on raw pixels -> models/pixels/.",
+        classifier=True,
+    ),
 )
 CLASSIFIER_STAGES = tuple(s.name for s in TRAINING_STAGES if s.classifier)
 

@@ -30,6 +30,7 @@ class Downstream(Stage):
     training -> its summary) and `validate` (-> val top-1)."""
 
     config: dict  # the saved classifier's config.json
+    unpaired = "(random init)"  # a run name's head without a pretrain run (scratch)
 
     def __init__(self, p: Params, rt: Runtime) -> None:
         super().__init__(p, rt)
@@ -118,7 +119,7 @@ class Downstream(Stage):
         now = {**flatten(p.data, "data."), "model.name": p.model.name}
         if ratio is not None:  # from a pretrain run: what it ran with (scratch: the encoder)
             now |= flatten(p.model, "model.") | flatten(p.pretrain, "pretrain.")
-        head = f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} (random init)"
+        head = f"{self.name} mask={ratio}" if ratio is not None else f"{self.name} {self.unpaired}"
         return settings.run_name(head, now | flatten(self.given, f"{own}."), own)
 
     def run_params(self) -> dict:

@@ -41,9 +41,9 @@ def evaluate_run(
         runs = tracking.child_runs(run, CLASSIFIER_STAGES)
         if not runs:
             raise UserError(f"pretrain run {run_id} has no finetune or linprobe run to evaluate")
-        control = run.data.tags.get(tracking.SCRATCH_TAG)
-        if control:
-            runs.append(tracking.get_run(control))
+        for control in ("scratch", "pixels"):  # the controls it names
+            if run_id_ := run.data.tags.get(f"{control}.run_id"):
+                runs.append(tracking.get_run(run_id_))
         log.info("run %s is a pretrain run: evaluating %d run(s)", run_id, len(runs))
         _check_active(runs)
         return with_gain([_evaluate_one(p, r, None, per_image) for r in runs])
@@ -76,27 +76,58 @@ def _child_step(run, parent: str) -> int:
 def _params_differ(p: Params, run, stage: str) -> dict[str, list[str]]:
     """The run's own section's params that params.yaml now sets otherwise:
     {key: [the run's value, params.yaml's]}."""
-    section = "linprobe" if stage == "linprobe" else "finetune"
+    section = "linprobe" if stage in ("linprobe", "pixels") else "finetune"
     now = {f"{section}.{k}": str(v) for k, v in flatten(getattr(p, section)).items()}
     ran = run.data.params
     return {k: [ran[k], v] for k, v in now.items() if k in ran and ran[k] != v}
 
 
+# A result and its control: (control stage, the gain's name, the section, the section's
+# keys the control does not read). A pair trained on other labels or another recipe is none.
+CONTROLS = {
+    "finetune": ("scratch", "mae_gain", "finetune", ("trainable_blocks",)),
+    "linprobe": ("pixels", "probe_gain", "linprobe", ("pool", "augment")),
+}
+
+
+def pairing(run, stage: str) -> str:
+    """What a result and its control must share, from the run's own params: its label
+    subset (`labels.digest`) and its section's keys (a control's own prefix is its stage's
+    name: scratch logs `scratch.epochs` for `finetune.epochs`)."""
+    from pipeline.sections import FinetuneParams, LinprobeParams
+
+    section = "linprobe" if stage in ("linprobe", "pixels") else "finetune"
+    fields = (LinprobeParams if section == "linprobe" else FinetuneParams).model_fields
+    skip = next(c[3] for c in CONTROLS.values() if c[2] == section)
+    ran = run.data.params
+    recipe = {k: ran.get(f"{stage}.{k}") for k in fields if k not in skip}
+    return repr([ran.get("labels.digest", "all"), sorted(recipe.items())])
+
+
 def with_gain(results: list[dict]) -> list[dict]:
-    """With a scratch result: `mae_gain` (finetune test top-1 minus scratch's) added to each
-    finetune result and logged to its pretrain run, which then names its control."""
-    controls = [r for r in results if r["stage"] == "scratch"]
-    if not controls:
-        return results
-    control = controls[-1]
-    for tuned in (r for r in results if r["stage"] == "finetune"):
-        tuned["mae_gain"] = tuned["top1"] - control["top1"]
-        tuned["scratch_run_id"] = control["run_id"]
+    """Each finetune result with `mae_gain` (its test top-1 minus that of the scratch run
+    trained on the same labels with the same recipe), each linprobe result with
+    `probe_gain` (minus the pixels run's), logged to its pretrain run, which then names
+    its controls. A result without such a control gets no gain (said at info)."""
+    for tuned in results:
+        if tuned["stage"] not in CONTROLS:
+            continue
+        control_stage, gain_name, _, _ = CONTROLS[tuned["stage"]]
+        controls = [
+            r for r in results if r["stage"] == control_stage and r["pairing"] == tuned["pairing"]
+        ]
+        if not controls:
+            log.info("%s run %s: no %s control on its labels and recipe", tuned["stage"],
+                     tuned["run_id"], control_stage)  # fmt: skip
+            continue
+        control = controls[-1]
+        tuned[gain_name] = tuned["top1"] - control["top1"]
+        tuned[f"{control_stage}_run_id"] = control["run_id"]
         if tuned["parent_run_id"]:
             parent = tracking.Run(tuned["parent_run_id"])
-            gain = {"scratch/test_top1": control["top1"], "mae_gain": tuned["mae_gain"]}
-            parent.log_metrics(gain, step=tuned["parent_step"])  # beside its finetune result
-            parent.set_tags({tracking.SCRATCH_TAG: control["run_id"]})
+            gain = {f"{control_stage}/test_top1": control["top1"], gain_name: tuned[gain_name]}
+            parent.log_metrics(gain, step=tuned["parent_step"])  # beside its result
+            parent.set_tags({f"{control_stage}.run_id": control["run_id"]})
     return results
 
 
@@ -137,6 +168,7 @@ def _evaluate_one(p: Params, run, folder: Path | None = None, per_image: bool = 
         "parent_run_id": parent,
         "parent_step": step,
         "params_differ": _params_differ(p, run, stage),
+        "pairing": pairing(run, stage),
         "classes": classes,
         **result,
         "per_class": dict(zip(classes, result["per_class"], strict=True)),
@@ -183,7 +215,14 @@ def evaluate_stage(p: Params, per_image: bool = False) -> list[dict]:
         results += evaluate_run(p, (folder / "run_id").read_text().strip(), folder, per_image)
     results = with_gain(results)
     metrics = {f"{r['stage']}_{k}": r[k] for r in results for k in ("top1", "top5")}
-    metrics["mae_gain"] = results[0]["mae_gain"]
+    for tuned, (control, gain, _, _) in CONTROLS.items():
+        paired = [r[gain] for r in results if r["stage"] == tuned and gain in r]
+        if not paired:
+            raise UserError(
+                f"{Path(p.paths.models) / tuned} and {Path(p.paths.models) / control} were "
+                "trained on other labels or recipes: `dvc repro` trains them alike"
+            )
+        metrics[gain] = paired[0]
     reports.write_metrics(Path(p.paths.metrics) / "evaluate.json", metrics)
     kept.keep(Path(p.paths.metrics) / "evaluate.json")  # what a failure under dvc puts back
     return results
@@ -197,11 +236,12 @@ def format_result(r: dict) -> str:
         f"{r['stage']} run {r['run_id']}: test top-1 {r['top1']:.4f}, "
         f"top-5 {r['top5']:.4f} on {r['count']:,} images",
     ]
-    if "mae_gain" in r:
-        lines.append(
-            f"mae_gain {100 * r['mae_gain']:+.2f} points over the scratch control "
-            f"(run {r['scratch_run_id']})"
-        )
+    for control, gain, _, _ in CONTROLS.values():
+        if gain in r:
+            lines.append(
+                f"{gain} {100 * r[gain]:+.2f} points over the {control} control "
+                f"(run {r[f'{control}_run_id']})"
+            )
     for key, (ran, now) in r.get("params_differ", {}).items():
         lines.append(f"trained with {key} {ran} (params.yaml now: {now})")
     if "registered" in r:

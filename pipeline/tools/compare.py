@@ -28,10 +28,14 @@ COLUMNS = (
     "linprobe/test_top1",
     "scratch/test_top1",
     "mae_gain",
+    "pixels/test_top1",
+    "probe_gain",
     "pretrain/knn_top1",
     "pretrain/loss",
 )
-HEADERS = ("finetune", "linprobe", "scratch", "gain", "k-NN", "loss")
+HEADERS = ("finetune", "linprobe", "scratch", "gain", "pixels", "p-gain", "k-NN", "loss")
+FROM_PRETRAIN = ("pretrain/knn_top1", "pretrain/loss")  # the rest: from the runs paired
+LABEL_KEYS = ("data.labels", "data.labels_seed")  # the children's: pretraining reads none
 DEFAULT_BY = "pretrain.mask_ratio"
 TAGS = ("data.manifest_digest", "git.commit", "git.dirty", "code.digest")
 # what a run computes with, besides its params and data
@@ -46,6 +50,9 @@ def _setting(run, finetune=None, linprobe=None) -> dict[str, str]:
         if child is not None:
             params = {k: v for k, v in params.items() if not k.startswith(f"{section}.")}
             params |= _downstream_setting(child, section)
+    child = finetune or linprobe  # the label key the row's results were trained with
+    if child is not None:
+        params |= {k: child.data.params[k] for k in LABEL_KEYS if k in child.data.params}
     return params | {t: run.data.tags.get(t, "") for t in TAGS}
 
 
@@ -97,7 +104,7 @@ def compare_rows(p: Params, by: str | None = None, experiment: str | None = None
     pairs = _pairs(tracking.connect(store, create=False))  # a typo makes no experiment
     if not pairs:
         raise UserError(f"no pretrain runs in experiment {name!r} (run `dvc repro`)")
-    settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, _ in pairs]
+    settings = [_setting(run, finetune, linprobe) for run, finetune, linprobe, *_ in pairs]
     code = _same_code([s["git.commit"] for s in settings])
     for s in settings:
         s["git.commit"] = _code_label(
@@ -108,18 +115,18 @@ def compare_rows(p: Params, by: str | None = None, experiment: str | None = None
     by = _check_by(by, keys, varying) if by else _default_by(varying)
     series: dict[tuple, str] = {}
     rows = []
-    for (run, finetune, linprobe, scratch), setting in zip(pairs, settings, strict=True):
+    for (run, *results), setting in zip(pairs, settings, strict=True):
         differs = {k: setting.get(k, "") for k in varying if k != by}
         name = series.setdefault(tuple(differs.items()), string.ascii_uppercase[len(series) % 26])
-        row = _row(run, finetune, linprobe, scratch)
+        row = _row(run, *results)
         rows.append({"series": name, "by": by, "value": setting.get(by, ""), **row})
         rows[-1]["differs"] = differs
     return sorted(rows, key=lambda r: (r["series"], order(r["value"]), r["start_time"]))
 
 
 def _pairs(experiment_id: str) -> list[tuple]:
-    """(pretrain, finetune, linprobe, scratch) runs, one per pretrain run and fine-tuning
-    setting, oldest pretrain run first; finished or running runs only."""
+    """(pretrain, finetune, linprobe, scratch, pixels) runs, one per pretrain run and
+    fine-tuning setting, oldest pretrain run first; finished or running runs only."""
     done = ("FINISHED", "RUNNING")  # a FAILED or KILLED run compares nothing
     runs = [
         r
@@ -129,7 +136,7 @@ def _pairs(experiment_id: str) -> list[tuple]:
     runs.sort(key=lambda r: r.info.start_time)
     downstream = [
         r
-        for stage in ("finetune", "linprobe", "scratch")
+        for stage in ("finetune", "linprobe", "scratch", "pixels")
         for r in tracking.stage_runs(experiment_id, stage)
         if r.info.status in done
     ]
@@ -149,13 +156,10 @@ def _check_by(by: str, keys: list[str], varying: list[str]) -> str:
     return by
 
 
-def _row(run, finetune, linprobe, scratch) -> dict:
-    top1 = {
-        "finetune/test_top1": _top1(finetune),
-        "linprobe/test_top1": _top1(linprobe),
-        "scratch/test_top1": _top1(scratch),
-    }
+def _row(run, finetune, linprobe, scratch, pixels) -> dict:
     runs = (("finetune", finetune), ("linprobe", linprobe), ("scratch", scratch))
+    runs += (("pixels", pixels),)
+    top1 = {f"{s}/test_top1": _top1(r) for s, r in runs}
     return {
         "mask_ratio": float(run.data.params["pretrain.mask_ratio"]),
         "run_id": run.info.run_id,
@@ -165,7 +169,8 @@ def _row(run, finetune, linprobe, scratch) -> dict:
         "dvc_exp": run.data.tags.get("dvc.exp_name", ""),
         **top1,
         "mae_gain": top1["finetune/test_top1"] - top1["scratch/test_top1"],
-        **{c: run.data.metrics.get(c, math.nan) for c in COLUMNS[4:]},
+        "probe_gain": top1["linprobe/test_top1"] - top1["pixels/test_top1"],
+        **{c: run.data.metrics.get(c, math.nan) for c in FROM_PRETRAIN},
     }
 
 
@@ -191,24 +196,51 @@ def _downstream_setting(run, section: str) -> dict[str, str]:
 
 
 def _results(pretrain, downstream: list) -> list[tuple]:
-    """(finetune, linprobe, scratch) runs of a pretrain run, one tuple per fine-tuning
-    setting among its finetune children (the newest of each); None where there is none."""
+    """(finetune, linprobe, scratch, pixels) runs of a pretrain run, one tuple per
+    fine-tuning setting among its finetune children (the newest of each); each result
+    beside the newest linprobe child and the controls trained on its labels with its
+    recipe; None where there is none."""
     parent = pretrain.info.run_id
     children = [r for r in downstream if r.data.tags.get("mlflow.parentRunId") == parent]
-    linprobes = [r for r in children if r.data.tags.get("stage") == "linprobe"]
-    linprobe = linprobes[-1] if linprobes else None
+    linprobes = {_labels(r): r for r in children if r.data.tags.get("stage") == "linprobe"}
     newest: dict[tuple, object] = {}
     for r in (r for r in children if r.data.tags.get("stage") == "finetune"):
         newest[_finetune_key(r)] = r
-    if not newest:
-        return [(None, linprobe, None)]
     scratches = [r for r in downstream if r.data.tags.get("stage") == "scratch"]
+    pixels = [r for r in downstream if r.data.tags.get("stage") == "pixels"]
+    if not newest:
+        return [(None, *_probe_pair(list(linprobes.values())[-1:] or [None], pixels), None)]
     out = []
     for finetune in newest.values():
         control = _finetune_key(finetune, control=True)
         same = [r for r in scratches if _finetune_key(r, control=True) == control]
-        out.append((finetune, linprobe, same[-1] if same else None))
-    return out
+        linprobe, control_px = _probe_pair([linprobes.get(_labels(finetune))], pixels)
+        out.append((finetune, linprobe, same[-1] if same else None, control_px))
+    return [(f, lp, sc, px) for f, lp, sc, px in out]
+
+
+def _probe_pair(linprobe: list, pixels: list) -> tuple:
+    """(linprobe, the newest pixels run of its labels and recipe) from [linprobe or None]."""
+    probe = linprobe[0]
+    if probe is None:
+        return None, None
+    same = [r for r in pixels if _probe_key(r) == _probe_key(probe)]
+    return probe, (same[-1] if same else None)
+
+
+def _labels(run) -> str:
+    """The run's label subset (its digest; "all" for every label and for older runs)."""
+    return run.data.params.get("labels.digest", "all")
+
+
+def _probe_key(run) -> tuple:
+    """What a linear probe and its pixels control share: the labels and `linprobe.*` but
+    `pool` and `augment` (pixels logs the section as `pixels.*`)."""
+    from pipeline.sections import LinprobeParams
+
+    prefix = run.data.tags.get("stage", "linprobe") + "."
+    keys = [k for k in LinprobeParams.model_fields if k not in ("pool", "augment")]
+    return (_labels(run), *(run.data.params.get(prefix + k) for k in keys))
 
 
 def _finetune_key(run, control: bool = False) -> tuple:
@@ -222,15 +254,12 @@ def _finetune_key(run, control: bool = False) -> tuple:
         for k, v in run.data.params.items()
         if k.startswith(prefix)
     }
-    derived = ("finetune.lr", "finetune.effective_batch")
+    derived = ("finetune.lr", "finetune.effective_batch", "finetune.trainable_parameters")
     derived += ("finetune.trainable_blocks",) if control else ()
-    return tuple(
-        sorted(
-            (k, v)
-            for k, v in params.items()
-            if not k.startswith(NOT_A_SETTING) and k not in derived
-        )
+    kept = sorted(
+        (k, v) for k, v in params.items() if not k.startswith(NOT_A_SETTING) and k not in derived
     )
+    return (("labels", _labels(run)), *kept)
 
 
 def _top1(run) -> float:

@@ -12,7 +12,7 @@ from pipeline.tools.compare import COLUMNS, DEFAULT_BY, HEADERS, TAGS, order, to
 def _cell(value: float, column: str) -> str:
     if math.isnan(value):
         return "-"
-    if column == "mae_gain":
+    if column in ("mae_gain", "probe_gain"):
         return f"{100 * value:+.2f}"
     return f"{value:.4f}" if column == "pretrain/loss" else f"{100 * value:.2f}"
 
@@ -66,7 +66,8 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     x_of = (lambda v: to_number(v)) if numeric else values.index
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ((COLUMNS[0], "o-", "fine-tuning"), (COLUMNS[1], "s--", "linear probing"))
-    styles += ((COLUMNS[4], "^-.", "k-NN (pretraining)"), (COLUMNS[2], ":", "scratch"))
+    styles += ((COLUMNS[6], "^-.", "k-NN (pretraining)"), (COLUMNS[2], ":", "scratch"))
+    styles += ((COLUMNS[4], "x:", "pixels (probe's control)"),)
     for i, name in enumerate(sorted({r["series"] for r in rows})):
         newest = {r["value"]: r for r in rows if r["series"] == name}  # rows sorted by time
         for column, style, label in styles:
@@ -83,6 +84,8 @@ def plot_rows(rows: list[dict], path: Path) -> None:
                 )
     if not numeric:
         ax.set_xticks(range(len(values)), values)
+    elif len(values) > 1 and 0 < min(map(x_of, values)) <= max(map(x_of, values)) / 10:
+        ax.set_xscale("log")  # values across a decade or more (a label sweep)
     ax.set_xlabel(by)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{by} vs downstream accuracy")
