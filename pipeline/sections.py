@@ -152,6 +152,17 @@ class LinprobeParams(Schedule):
     optimizer: Literal["lars", "sgd"]
     pool: Literal["cls", "avg"]
     augment: bool
+    # the values the probe and the pixels control choose lr and weight decay from, on val
+    # (`LinearProber.search`); None: blr / weight_decay as set
+    grid_blr: list[Positive] | None
+    grid_weight_decay: list[NonNegative] | None
+
+    @field_validator("grid_blr", "grid_weight_decay")
+    @classmethod
+    def _grid(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and (not values or len(set(values)) != len(values)):
+            raise ValueError("must be a non-empty list of distinct values, or null")
+        return values
 
 
 class RuntimeParams(Section):

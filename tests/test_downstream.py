@@ -114,6 +114,14 @@ def test_evaluate_logs_to_the_run_and_its_parent(project):
     assert metrics["probe_gain"] == pytest.approx(linprobe["top1"] - pixels["top1"], abs=1e-6)
     assert _run(pixels_id).data.params["pixels.features"] == str(16 * 16)  # 1 x 16 x 16 px
     assert "pixels.pool" not in _run(pixels_id).data.params
+    for stage in ("linprobe", "pixels"):  # one grid for the probe and its control
+        grid = json.loads((project / "models" / stage / "grid.json").read_text())
+        assert [(g["blr"], g["weight_decay"]) for g in grid] == [
+            (1.0, 0.0), (1.0, 1e-4), (3.0, 0.0), (3.0, 1e-4)
+        ]  # fmt: skip
+        best = max(grid, key=lambda g: g["val_top1"])
+        chosen = json.loads((project / "metrics" / f"{stage}.json").read_text())
+        assert (chosen["blr"], chosen["weight_decay"]) == (best["blr"], best["weight_decay"])
     assert finetune["count"] == 40 and sum(map(sum, finetune["confusion"])) == 40
     run, parent = _run(finetune["run_id"]), _run(finetune["parent_run_id"])
     assert run.data.metrics["test/top1"] == pytest.approx(finetune["top1"])
@@ -250,13 +258,26 @@ def test_the_pixels_control_learns_what_pixels_show_and_nothing_from_noise(tmp_p
             folder,
             dataset=lambda raw, s=shuffled: bands_dataset(raw, n_train=640, n_test=200, shuffled=s),
             data={"class_names": ["0", "1", "2", "3"]},
-            linprobe={"epochs": 10, "batch_size": 64, "warmup_epochs": 1, "min_steps": 0},
+            linprobe={
+                "epochs": 10,
+                "batch_size": 64,
+                "warmup_epochs": 1,
+                "min_steps": 0,
+                "grid_blr": [1e-5, 3.0],
+                "grid_weight_decay": [0.0],
+            },
         )
         monkeypatch.chdir(folder)
         p = load_params("params.yaml")
-        (results[name],) = evaluate_run(p, run_training("pixels", p))
+        run_id = run_training("pixels", p)
+        (results[name],) = evaluate_run(p, run_id)
     assert results["bands"]["top1"] >= 0.8, results["bands"]["confusion"]
     assert results["noise"]["top1"] <= 0.4, results["noise"]["confusion"]
+    # the grid on val: an lr that learns nothing loses to one that does, and is reported
+    grid = json.loads((folder.parent / "bands/models/pixels/grid.json").read_text())
+    assert [g["blr"] for g in grid] == [1e-5, 3.0] and grid[0]["val_top1"] < grid[1]["val_top1"]
+    bands = mlflow.get_run((folder.parent / "bands/models/pixels/run_id").read_text().strip())
+    assert bands.data.params["pixels.chosen_blr"] == "3.0"
 
 
 def test_an_unreadable_checkpoint_is_skipped_for_the_one_before_it(project, monkeypatch, caplog):

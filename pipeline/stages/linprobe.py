@@ -4,7 +4,11 @@ features are computed once and cached, so an epoch costs only the head."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,8 +19,11 @@ from pipeline.artifacts import classifier_config
 from pipeline.data.loader import Augment, Loader
 from pipeline.data.memory import free_bytes, to_device
 from pipeline.stages.downstream import Downstream
+from pipeline.tracking import NullRun
 from pipeline.train.eval import encode_split
 from pipeline.train.runtime import wrap
+
+log = logging.getLogger(__name__)
 
 POOL = {"cls": "token", "avg": "avg"}
 
@@ -73,9 +80,64 @@ class LinearProber(Downstream):
         # kind "linprobe" whatever the stage's name: what rebuilds it (classifier_from_config)
         pre, kind = self.pre, "linprobe"
         self.config = classifier_config(kind, pre.cfg, self.manifest, self.digest, self.pool)
+        self.grid = self.search()
+
+    def search(self) -> list[dict]:
+        """The blr and weight decay of the run, chosen on val from `linprobe.grid_blr` x
+        `grid_weight_decay`: each pair trains the head from its initial weights for the
+        section's epochs (no logging, no checkpoint), and the best val top-1 of any epoch
+        wins (the first pair on a tie). The probe and the pixels control search the same
+        grid, so neither is weak by construction. -> the grid with each pair's val top-1
+        (empty without a grid, or when the features are not cached: too costly)."""
+        s = self.section
+        if (s.grid_blr is None and s.grid_weight_decay is None) or self.train_cache is None:
+            return []
+        head = {k: v.clone() for k, v in self.model.head.state_dict().items()}
+        streams = (self.generator.get_state(), torch.get_rng_state())
+        grid = []
+        for blr, decay in itertools.product(
+            s.grid_blr or [s.blr], s.grid_weight_decay or [s.weight_decay]
+        ):
+            self._use(blr, decay, head)
+            tops = []
+            for epoch in range(self.section.epochs):
+                self.loop.run(epoch, self._cached_batches(epoch), self._loss, NullRun(), [])
+                tops.append(self.validate())
+            grid.append({"blr": blr, "weight_decay": decay, "val_top1": max(tops)})
+            self.generator.set_state(streams[0])
+            torch.set_rng_state(streams[1])
+        best = max(grid, key=lambda g: g["val_top1"])  # max keeps the first of equals
+        self._use(best["blr"], best["weight_decay"], head)
+        if self.rt.dist.main:
+            chosen = (best["blr"], best["weight_decay"], best["val_top1"], len(grid))
+            log.info(
+                "%s: blr %g, weight decay %g chosen on val (top-1 %.4f) of %d", self.name, *chosen
+            )
+        return grid
+
+    def _use(self, blr: float, decay: float, head: dict) -> None:
+        """Train from here with `blr` and `decay`: the head at its initial weights, a new
+        optimizer and loop (lr = blr x batch / 256)."""
+        self.section = self.section.model_copy(update={"blr": blr, "weight_decay": decay})
+        self.model.head.load_state_dict(head)
+        self.derive_lr()
+        self.optimizer = self.build_optimizer()
+        self.loop = self.build_loop(self.batches_per_epoch(), self.ddp)
+
+    def write_outputs(self, run, out: Path, plots: Path) -> dict:
+        metrics = super().write_outputs(run, out, plots)
+        if self.grid:  # the grid beside the model (and in MLflow), the pair chosen
+            (out / "grid.json").write_text(json.dumps(self.grid, indent=1) + "\n")
+            metrics |= {"blr": self.section.blr, "weight_decay": self.section.weight_decay}
+        return metrics
 
     def derived_params(self) -> dict:
-        return {"linprobe.lr": self.lr, "linprobe.cached_features": self.train_cache is not None}
+        return {
+            f"{self.name}.lr": self.lr,
+            f"{self.name}.cached_features": self.train_cache is not None,
+            f"{self.name}.chosen_blr": self.section.blr,
+            f"{self.name}.chosen_weight_decay": self.section.weight_decay,
+        }
 
     @torch.no_grad()
     def _encode(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class PixelProber(LinearProber):
         return params
 
     def derived_params(self) -> dict:
-        return {"pixels.lr": self.lr, "pixels.features": self.model.head[1].in_features}
+        return super().derived_params() | {"pixels.features": self.model.head[1].in_features}
 
 
 def _own(section) -> dict:

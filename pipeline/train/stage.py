@@ -81,11 +81,11 @@ class Stage:
         self.section = self.schedule_for(self.section)
         self.model = self.build_model().to(self.rt.device)
         self.freeze()
-        self.net, ddp = self.wrap()
+        self.net, self.ddp = self.wrap()
         self.loader = self.build_loader()
         self.derive_lr()
         self.optimizer = self.build_optimizer()
-        self.loop = self.build_loop(self.batches_per_epoch(), ddp)
+        self.loop = self.build_loop(self.batches_per_epoch(), self.ddp)
         self.prepare()
 
     def build_model(self) -> torch.nn.Module:
