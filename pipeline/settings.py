@@ -22,6 +22,16 @@ NOT_A_SETTING = (
     "finetune.log_every",
     "finetune.trainable_parameters",
     "linprobe.log_every",
+    # what the stages derive from the params and the label subset (a label sweep would
+    # otherwise split into a series per point): the lr and batch run, the pair the grid chose
+    "finetune.lr",
+    "finetune.effective_batch",
+    "finetune.run_",
+    "linprobe.lr",
+    "linprobe.run_",
+    "linprobe.chosen_",
+    "linprobe.cached_features",
+    "labels.",
     "data.workers",
     "data.cache",  # and data.cache_max_gb: where remote shards are kept, not what they hold
     "data.in_memory",  # and data.train_in_memory: held or streamed, the same batches

@@ -248,6 +248,7 @@ def test_a_label_sweep_pairs_each_result_with_the_controls_of_its_labels(tmp_pat
     got = {r["value"]: (round(r["mae_gain"], 2), round(r["probe_gain"], 2)) for r in rows}
     assert got == {"10": (0.10, 0.05), "100": (0.05, 0.01), "": (0.06, -0.01)}
     assert "p-gain" in format_rows(rows).splitlines()[0]
+    assert sorted(r["train_labels"] for r in rows)[:2] == [40.0, 400.0]  # the plot's x
     plot_rows(rows, tmp_path / "labels.png")
     assert (tmp_path / "labels.png").stat().st_size > 0
 
@@ -260,7 +261,7 @@ def _labelled(client, experiment, stage, top1, labels, parent=None, **params):
     logged = {"labels.digest": f"digest-{labels}" if labels else "all"}
     logged |= {f"{stage}.{k}": v for k, v in params.items()}
     if labels:
-        logged["data.labels"] = labels
+        logged |= {"data.labels": labels, "labels.train_count": 4 * int(labels)}
     for k, v in logged.items():
         client.log_param(rid, k, str(v))
     client.log_metric(rid, "test/top1", top1)

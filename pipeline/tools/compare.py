@@ -170,6 +170,7 @@ def _row(run, finetune, linprobe, scratch, pixels) -> dict:
         **top1,
         "mae_gain": top1["finetune/test_top1"] - top1["scratch/test_top1"],
         "probe_gain": top1["linprobe/test_top1"] - top1["pixels/test_top1"],
+        "train_labels": _train_labels(finetune or linprobe),
         **{c: run.data.metrics.get(c, math.nan) for c in FROM_PRETRAIN},
     }
 
@@ -226,6 +227,13 @@ def _probe_pair(linprobe: list, pixels: list) -> tuple:
         return None, None
     same = [r for r in pixels if _probe_key(r) == _probe_key(probe)]
     return probe, (same[-1] if same else None)
+
+
+def _train_labels(run) -> float:
+    """The train images the run's labels kept (`labels.train_count`): where a label sweep's
+    points lie, whether given per class or as a fraction; NaN for older runs."""
+    count = run.data.params.get("labels.train_count") if run is not None else None
+    return float(count) if count is not None else math.nan
 
 
 def _labels(run) -> str:

@@ -64,6 +64,11 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     values = sorted({r["value"] for r in rows}, key=order)
     numeric = all(to_number(v) is not None for v in values)
     x_of = (lambda v: to_number(v)) if numeric else values.index
+    counted = by == "data.labels" and any(r["train_labels"] > 0 for r in rows)
+    if counted:  # a label sweep: its points where they lie, per class or a fraction alike
+        # (runs from before the label key have no count: left out of the plot)
+        rows = [{**r, "value": str(r["train_labels"])} for r in rows if r["train_labels"] > 0]
+        values, numeric, x_of = sorted({r["value"] for r in rows}, key=order), True, to_number
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ((COLUMNS[0], "o-", "fine-tuning"), (COLUMNS[1], "s--", "linear probing"))
     styles += ((COLUMNS[6], "^-.", "k-NN (pretraining)"), (COLUMNS[2], ":", "scratch"))
@@ -86,11 +91,13 @@ def plot_rows(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(values)), values)
     elif len(values) > 1 and 0 < min(map(x_of, values)) <= max(map(x_of, values)) / 10:
         ax.set_xscale("log")  # values across a decade or more (a label sweep)
-    ax.set_xlabel(by)
+    ax.set_xlabel("train images with labels (data.labels)" if counted else by)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{by} vs downstream accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(
+        fontsize=7, loc="best", ncol=2 if len(styles) * len({r["series"] for r in rows}) > 10 else 1
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
