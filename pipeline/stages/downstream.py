@@ -89,9 +89,13 @@ class Downstream(Stage):
             return None
         return {"labels": self.labels.spec, "seed": self.labels.seed, "digest": self.labels.digest}
 
+    def own_params(self) -> dict:
+        """The stage's section as it reads it (the pixels control drops what it ignores)."""
+        return flatten(self.given)
+
     def key(self) -> dict:
         return {
-            self.name: flatten(self.given),
+            self.name: self.own_params(),
             "data.labels": self.label_key(),
             "runtime": runtime_key(self.p.runtime, self.rt),
             "model": self.pre.cfg.to_dict(),
@@ -125,7 +129,7 @@ class Downstream(Stage):
     def run_params(self) -> dict:
         return {
             **self.inherited,
-            **{f"{self.name}.{k}": v for k, v in flatten(self.given).items()},
+            **{f"{self.name}.{k}": v for k, v in self.own_params().items()},
             **{f"runtime.{k}": v for k, v in flatten(self.p.runtime).items()},
             **self.derived_params(),
             **self.label_params(),

@@ -19,7 +19,6 @@ from pipeline.data.store import shard_store
 from pipeline.params import Params, flatten
 from pipeline.stages.linprobe import LinearProber
 from pipeline.stages.pretrain import build_model
-from pipeline.train.runtime import runtime_key
 
 
 class PixelProber(LinearProber):
@@ -53,26 +52,9 @@ class PixelProber(LinearProber):
         pre = self.pre
         self.config = classifier_config("pixels", pre.cfg, self.manifest, self.digest, "pixels")
 
-    def key(self) -> dict:
-        return {
-            self.name: _own(self.given),
-            "data.labels": self.label_key(),
-            "runtime": runtime_key(self.p.runtime, self.rt),
-            "model": self.pre.cfg.to_dict(),
-            "data.manifest_digest": self.digest,
-            "world_size": self.rt.dist.world_size,
-        }
-
-    def run_params(self) -> dict:
-        params = super().run_params()
-        for key in ("pool", "augment"):  # what the control does not read
-            params.pop(f"{self.name}.{key}", None)
-        return params
+    def own_params(self) -> dict:
+        """`linprobe.*` as this stage reads it: without `pool` and `augment`."""
+        return {k: v for k, v in flatten(self.given).items() if k not in ("pool", "augment")}
 
     def derived_params(self) -> dict:
         return super().derived_params() | {"pixels.features": self.model.head[1].in_features}
-
-
-def _own(section) -> dict:
-    """`linprobe.*` as this stage reads it: without `pool` and `augment`."""
-    return {k: v for k, v in flatten(section).items() if k not in ("pool", "augment")}

@@ -217,7 +217,7 @@ def _results(pretrain, downstream: list) -> list[tuple]:
         same = [r for r in scratches if _finetune_key(r, control=True) == control]
         linprobe, control_px = _probe_pair([linprobes.get(_labels(finetune))], pixels)
         out.append((finetune, linprobe, same[-1] if same else None, control_px))
-    return [(f, lp, sc, px) for f, lp, sc, px in out]
+    return out
 
 
 def _probe_pair(linprobe: list, pixels: list) -> tuple:
